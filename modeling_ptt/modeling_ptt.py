@@ -1,0 +1,420 @@
+"""The Parallel Track (PT) Transformer (Wang et al., arXiv:2602.07306) as a `transformers` model.
+
+A PT model runs `num_tracks` narrow transformers side by side. Each track carries the full residual stream, owns
+`1/num_tracks` of the attention heads and FFN width, and runs `track_block_depth` layers on its own before all
+tracks are merged by the mean of their residual streams:
+
+    hidden = embed(input_ids)
+    for each block of D layers:
+        tracks = dispatch(hidden)            # [n_local, B, S, d], every track starts from the merged state
+        for layer in block:
+            tracks = layer(tracks)           # batched over tracks: one bmm per projection, one attention call
+        hidden = merge(tracks)               # mean over tracks; with tracks on several ranks ONE all_reduce
+    logits = lm_head(norm(hidden))
+
+Weights are stacked with the track as dim 0 (`q_proj.weight` is `[n, H/n * head_dim, d]`), so on one device all
+tracks of a layer are a single batched matmul, and a rank that owns tracks `[a, b)` holds the slice `[a:b]`.
+The one-device and the distributed forward are the same code: only `PTTrackSync.merge` adds an all_reduce.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple
+
+from .configuration_ptt import PTConfig
+from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
+
+
+# transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class PTTrackLinear(nn.Module):
+    """One linear map per track, applied to all tracks as one batched matmul: `[n, ..., in] -> [n, ..., out]`."""
+
+    def __init__(self, num_tracks: int, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_tracks, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_tracks, out_features)) if bias else None
+
+    def forward(self, tracks: torch.Tensor) -> torch.Tensor:
+        flat = tracks.reshape(tracks.shape[0], -1, self.in_features)
+        if self.bias is None:
+            out = torch.bmm(flat, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return out.view(*tracks.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"tracks={self.weight.shape[0]}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class PTRMSNorm(nn.Module):
+    """RMSNorm with its own weight vector per track: `weight` is `[n, d]`, input `[n, B, S, d]`."""
+
+    def __init__(self, num_tracks: int, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_tracks, hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, tracks: torch.Tensor) -> torch.Tensor:
+        input_dtype = tracks.dtype
+        tracks = tracks.to(torch.float32)
+        variance = tracks.pow(2).mean(-1, keepdim=True)
+        tracks = tracks * torch.rsqrt(variance + self.variance_epsilon)
+        weight = self.weight.view(self.weight.shape[0], *([1] * (tracks.dim() - 2)), -1)
+        return weight * tracks.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class PTTrackSync(nn.Module):
+    """Dispatch the merged residual stream to the local tracks, and merge the tracks back by their mean.
+
+    On one device the mean is a sum over the track dim divided by `num_tracks`. When the tracks are spread over the
+    ranks of `process_group`, every rank sums its local tracks and ONE all_reduce adds the partial sums: this is the
+    only communication of the whole forward.
+    """
+
+    def __init__(self, num_tracks: int):
+        super().__init__()
+        self.num_tracks = num_tracks
+        self.num_local_tracks = num_tracks
+        self.process_group: dist.ProcessGroup | None = None
+
+    def dispatch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.unsqueeze(0).expand(self.num_local_tracks, *hidden_states.shape)
+
+    def merge(self, tracks: torch.Tensor) -> torch.Tensor:
+        merged = tracks.sum(0)
+        if self.process_group is not None:
+            if torch.is_grad_enabled() and merged.requires_grad:
+                # Only the autograd-aware collective carries gradients back to the other ranks' tracks.
+                merged = dist.nn.functional.all_reduce(merged, group=self.process_group)
+            else:
+                dist.all_reduce(merged, group=self.process_group)
+        return merged / self.num_tracks
+
+    def extra_repr(self) -> str:
+        return f"num_tracks={self.num_tracks}, num_local_tracks={self.num_local_tracks}"
+
+
+class PTMLP(nn.Module):
+    """SwiGLU FFN of every track; a track's FFN width is `intermediate_size / num_tracks`."""
+
+    def __init__(self, config: PTConfig):
+        super().__init__()
+        n, d, width = config.num_tracks, config.hidden_size, config.intermediate_size_per_track
+        self.gate_proj = PTTrackLinear(n, d, width, bias=config.mlp_bias)
+        self.up_proj = PTTrackLinear(n, d, width, bias=config.mlp_bias)
+        self.down_proj = PTTrackLinear(n, width, d, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, tracks: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(tracks)) * self.up_proj(tracks))
+
+
+class PTAttention(nn.Module):
+    """Causal GQA self-attention of all local tracks in ONE call of the configured attention function.
+
+    Track `t` owns query heads `[t*H/n, (t+1)*H/n)` and KV heads `[t*K/n, (t+1)*K/n)`. Folding the track dim into the
+    head dim therefore yields the usual `[B, heads, S, head_dim]` layout in which the standard GQA mapping (query head
+    `h` reads KV head `h // (H/K)`) never crosses a track, and the KV cache holds the local tracks' KV heads.
+    """
+
+    def __init__(self, config: PTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        n, d, bias = config.num_tracks, config.hidden_size, config.attention_bias
+        q_width = config.num_attention_heads_per_track * self.head_dim
+        kv_width = config.num_key_value_heads_per_track * self.head_dim
+        self.q_proj = PTTrackLinear(n, d, q_width, bias=bias)
+        self.k_proj = PTTrackLinear(n, d, kv_width, bias=bias)
+        self.v_proj = PTTrackLinear(n, d, kv_width, bias=bias)
+        self.o_proj = PTTrackLinear(n, q_width, d, bias=bias)
+
+    def forward(
+        self,
+        tracks: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_tracks, batch, seq_len, _ = tracks.shape
+
+        def tracks_to_heads(states: torch.Tensor) -> torch.Tensor:  # [n, B, S, h*hd] -> [B, n*h, S, hd]
+            states = states.view(num_tracks, batch, seq_len, -1, self.head_dim)
+            return states.permute(1, 0, 3, 2, 4).flatten(1, 2)
+
+        query = tracks_to_heads(self.q_proj(tracks))
+        key = tracks_to_heads(self.k_proj(tracks))
+        value = tracks_to_heads(self.v_proj(tracks))
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # [B, S, n*h, hd] -> [n, B, S, h*hd]
+        attn_output = attn_output.reshape(batch, seq_len, num_tracks, -1).permute(2, 0, 1, 3)
+        return self.o_proj(attn_output), attn_weights
+
+
+class PTDecoderLayer(GradientCheckpointingLayer):
+    """Layer `l` of every track: pre-norm attention and pre-norm SwiGLU FFN, each with a residual add."""
+
+    def __init__(self, config: PTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = PTAttention(config, layer_idx)
+        self.mlp = PTMLP(config)
+        self.input_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        tracks: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        sync_attention: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(tracks),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        tracks = tracks + attn_output
+        if sync_attention is not None:  # tensor-parallel mode also merges between attention and FFN
+            tracks = sync_attention(tracks)
+        return tracks + self.mlp(self.post_attention_layernorm(tracks))
+
+
+class PTPreTrainedModel(PreTrainedModel):
+    config_class = PTConfig
+    config: PTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PTDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, PTTrackLinear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class PTModel(PTPreTrainedModel):
+    """Shared embedding, `num_hidden_layers` track-stacked layers merged every `track_block_depth`, final norm."""
+
+    def __init__(self, config: PTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([PTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.track_sync = PTTrackSync(config.num_tracks)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def track_blocks(self) -> list[nn.ModuleList]:
+        """The runs of layers between two merges (one layer each in tensor-parallel mode)."""
+        sync_after = [i + 1 for i in range(self.config.num_hidden_layers) if self.config.is_sync_layer(i)]
+        return [self.layers[start:end] for start, end in zip([0] + sync_after[:-1], sync_after)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted).
+        With `output_hidden_states=True` the entry after each layer is the mean of the tracks' residual streams
+        (in a distributed run that costs one extra all_reduce per layer, only when asked for).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a recomputed layer would write its keys and values into the cache twice
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        # the cache argument is passed by position: its keyword is `cache` or `past_key_values` by version
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        sync = self.track_sync
+        sync_attention = (
+            (lambda tracks: sync.dispatch(sync.merge(tracks))) if self.config.sync_mode == "tensor_parallel" else None
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.track_blocks:
+            tracks = sync.dispatch(hidden_states)
+            for layer in block:
+                tracks = layer(
+                    tracks,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    cache=cache,
+                    sync_attention=sync_attention,
+                    **kwargs,
+                )
+                if output_hidden_states:
+                    all_hidden_states += (sync.merge(tracks),)
+            hidden_states = sync.merge(tracks)
+
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
+        )
+
+
+class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PTConfig):
+        super().__init__(config)
+        self.model = PTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_llama(cls, llama_model: PreTrainedModel, num_tracks: int) -> "PTForCausalLM":
+        """Convert a dense `LlamaForCausalLM` into `num_tracks` tracks in `sync_mode="tensor_parallel"`.
+
+        The result computes the same logits as the Llama (up to float rounding): it is the tensor-parallel baseline,
+        and a starting point for PT layouts. Changing its `sync_mode` to `"track_block"` changes the function.
+        """
+        config = pt_config_from_llama(llama_model.config, num_tracks)
+        config._attn_implementation = llama_model.config._attn_implementation
+        model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
+        model.load_state_dict(llama_state_dict_to_tracks(llama_model.state_dict(), num_tracks), strict=True)
+        return model.train(llama_model.training)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets for the usual shifted next-token cross-entropy; `-100` is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+# `save_pretrained` copies this module and the ones it imports next to the weights (remote code).
+PTModel.register_for_auto_class("AutoModel")
+PTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["PTPreTrainedModel", "PTModel", "PTForCausalLM"]
