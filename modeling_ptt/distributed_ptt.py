@@ -27,9 +27,11 @@ full model. Parameters are plain tensors afterwards.
 Generation adds no collective beyond the merges. After a merge's all_reduce every rank holds bit-identical merged
 states (the reduction result is computed once per element and shared, and the shared embedding/norm/head then run
 the same kernels on the same inputs), so every rank computes the same logits and, from the same RNG state, picks
-the same tokens: there is nothing to broadcast. Sampling therefore needs the same seed on every rank
-(`transformers.set_seed(s)` on all of them); fresh processes start with the same default RNG state and loading draws
-no random numbers. Ranks on hardware that computes the shared layers differently (mixed GPU models) could diverge.
+the same tokens: there is nothing to broadcast. Sampling therefore needs the same RNG state on every rank:
+torch seeds every process differently, so loading copies rank 0's RNG state to all ranks (one broadcast, once), and
+loading and the forward draw no random numbers. Seed with the same value everywhere (`transformers.set_seed(s)`),
+never `s + rank`, and draw from torch's RNG the same way on every rank between load and generate. Ranks on
+hardware that computes the shared layers differently (mixed GPU models) could diverge.
 
 Faults: a rank that dies makes the collectives of the others fail (gloo: at once, when the peer's connection
 closes) or time out after the process-group timeout, so the survivors raise and exit instead of hanging. The
@@ -136,7 +138,26 @@ def init_track_parallel(world_size: int, timeout: timedelta | None = None) -> tu
     if dist.get_world_size() != world_size:
         raise ValueError(f"tp_size={world_size} but the job has {dist.get_world_size()} processes: launch exactly "
                          f"tp_size processes (replicas of a track-parallel model are not supported).")
+    synchronize_rng_state(dist.group.WORLD, device)
     return dist.group.WORLD, dist.get_rank(), device
+
+
+def synchronize_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
+    """Give every rank rank 0's torch RNG state (CPU, and this rank's GPU), once, when the model loads.
+
+    torch seeds each fresh process differently, so without this an unseeded `generate(do_sample=True)` would draw
+    different tokens on different ranks, and the ranks would go on to merge the states of different sequences.
+    """
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    for index, state in enumerate(states):
+        shared = state.to(device)
+        dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        states[index] = shared.cpu()
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def checkpoint_files(path: str, hub_kwargs: dict) -> list[str]:
@@ -229,7 +250,7 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     missing = sorted(name for name in expected if state_dict.get(name) is None)
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    assign_tensors(model, state_dict)
     if tied:
         model.tie_weights()
     materialize_buffers(model, device)
@@ -241,6 +262,17 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     except OSError:  # no generation_config.json: keep the one derived from the config
         pass
     return model.eval()
+
+
+def assign_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put the loaded tensors in place of the meta ones (`load_state_dict` would insist on the full track count)."""
+    for name, tensor in state_dict.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+        else:
+            module._buffers[leaf] = tensor
 
 
 def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
