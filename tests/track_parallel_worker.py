@@ -6,7 +6,7 @@ the way a user's launch script gets it. It writes what it observed to `OUT/rank{
 a single-process run.
 
     scenario "check": per model dir, logits, collective counts, generation, KV-cache shapes.
-    scenario "die": rank 1 kills itself during generate(); rank 0 must fail, not hang.
+    scenario "die": rank 1 kills (or stops) itself during generate(); rank 0 must fail, not hang.
 """
 
 import argparse
@@ -104,25 +104,25 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
     return observed
 
 
-class DieAtStep(LogitsProcessor):
-    """SIGKILL this process when generation reaches step `step`: a rank crashing mid-generate."""
+class FaultAtStep(LogitsProcessor):
+    """Send this process `sig` when generation reaches step `step`: SIGKILL is a crash, SIGSTOP a hang."""
 
-    def __init__(self, step: int):
-        self.step, self.calls = step, 0
+    def __init__(self, step: int, sig: signal.Signals):
+        self.step, self.sig, self.calls = step, sig, 0
 
     def __call__(self, input_ids, scores):
         self.calls += 1
         if self.calls == self.step:
-            print("dying now", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.sig)
         return scores
 
 
-def die(model_dir: str, inputs: dict, world_size: int) -> None:
+def die(model_dir: str, inputs: dict, world_size: int, fault: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, trust_remote_code=True, distributed_config=DistributedConfig(tp_size=world_size)
     )
-    processors = LogitsProcessorList([DieAtStep(3)] if dist.get_rank() == 1 else [])
+    sig = signal.SIGKILL if fault == "kill" else signal.SIGSTOP
+    processors = LogitsProcessorList([FaultAtStep(3, sig)] if dist.get_rank() == 1 else [])
     print("generating", flush=True)
     model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=100,
                    min_new_tokens=100, do_sample=False, logits_processor=processors)
@@ -136,11 +136,12 @@ def main():
     parser.add_argument("--inputs", required=True, help="torch.save'd dict with input_ids and attention_mask")
     parser.add_argument("--variants", default="[{}]", help="JSON list of config overrides, one load each")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--fault", choices=["kill", "stop"], default="kill", help="what happens to rank 1 (die)")
     args = parser.parse_args()
     world_size = int(os.environ["WORLD_SIZE"])
     inputs = torch.load(args.inputs)
     if args.scenario == "die":
-        die(args.models[0], inputs, world_size)
+        die(args.models[0], inputs, world_size, args.fault)
         return
     observed = {}
     for model_dir in args.models:
