@@ -10,7 +10,7 @@ a single-process run.
 """
 
 import argparse
-import collections
+import importlib
 import json
 import math
 import os
@@ -20,26 +20,14 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DistributedConfig, LogitsProcessor, LogitsProcessorList, set_seed
 
 
-NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Every collective op that reaches the dispatcher: `c10d` (torch.distributed.*) and `_c10d_functional`."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            name = func.__name__.split(".")[0]
-            if name not in NOT_COLLECTIVES:
-                self.ops[f"{func.namespace}.{name}"] += 1
-        return func(*args, **(kwargs or {}))
+def collective_counter(model):
+    """The package's `CollectiveCounter` (c10d and functional collectives), taken from the remote code `model` was
+    loaded with: this worker imports nothing from the repository."""
+    package = type(model).__module__.rpartition(".")[0]
+    return importlib.import_module(f"{package}.distributed_ptt").CollectiveCounter()
 
 
 def cache_of(output):
@@ -68,10 +56,10 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
             "q_proj_0": model.model.layers[0].self_attn.q_proj.weight.detach().clone(),
             "embed": model.model.embed_tokens.weight.detach().clone(),
         }
-        with torch.no_grad(), CollectiveCounter() as counter:
+        with torch.no_grad(), collective_counter(model) as counter:
             result["logits"] = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_no_grad"] = dict(counter.ops)
-        with CollectiveCounter() as counter:  # the autograd-aware merge
+        with collective_counter(model) as counter:  # the autograd-aware merge
             logits = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_grad"] = dict(counter.ops)
         result["logits_grad"] = logits.detach()
@@ -79,7 +67,7 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         if index == 0:  # generation is the same for every variant; once is enough
             forwards = count_forward_calls(model)
             generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6)
-            with CollectiveCounter() as counter:
+            with collective_counter(model) as counter:
                 result["greedy"] = model.generate(**generate, do_sample=False)
             result["greedy_collectives"] = dict(counter.ops)
             result["greedy_forwards"] = len(forwards)
