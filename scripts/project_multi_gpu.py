@@ -77,7 +77,7 @@ def time_model(model, args, device) -> tuple[float, float]:
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=generator).to(device)
     token = prompt[:, -1:]
     prefill, decode = [], []
-    with torch.inference_mode():
+    with torch.no_grad():
         for repeat in range(args.warmup + args.repeats):
             sync()
             start = time.perf_counter()
