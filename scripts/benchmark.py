@@ -292,6 +292,26 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
+def bare_all_reduce(args, world: World, repeats: int = 200) -> dict | None:
+    """Latency of one all_reduce of a decode step's and of a prefill's activations, alone: the unit cost of a merge."""
+    if world.size == 1:
+        return None
+    dtype = getattr(torch, args.dtype)
+    result = {}
+    for phase, tokens in (("decode", 1), ("prefill", args.prompt_len)):
+        tensor = torch.ones(args.batch, tokens, args.hidden_size, dtype=dtype, device=world.device)
+        samples = []
+        for index in range(repeats + 10):
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            if world.device.type == "cuda":
+                torch.cuda.synchronize(world.device)
+            if index >= 10:
+                samples.append(time.perf_counter() - start)
+        result[phase] = {"bytes": tensor.numel() * tensor.element_size(), **spread(samples)}
+    return result
+
+
 def measure(args, world: World, variants: list[Variant], models: dict) -> tuple[list[dict], list[dict]]:
     requests = Requests(args, world.device)
     generator = torch.Generator().manual_seed(args.seed)  # the same prompts on every rank
@@ -508,6 +528,12 @@ def write_table(report: dict) -> str:
             f"{fmt((row['throughput_tokens_per_s'] or {}).get('median'), 1)} | "
             f"{fmt(row['throughput_vs_tensor_parallel'])} | {fmt(max(peak) / 2**20, 0) if peak else '–'} |"
         )
+    if report["bare_all_reduce_ms"]:
+        lines += [""] + [
+            f"Bare all_reduce of the {phase} activations ({cost['bytes']:,} bytes), alone: median {cost['median']:.3f} "
+            f"ms [p10 {cost['p10']:.3f}, p90 {cost['p90']:.3f}, max {cost['max']:.1f}] over {cost['n']}."
+            for phase, cost in report["bare_all_reduce_ms"].items()
+        ]
     lines += ["", "| target | value | required | met |", "|---|---|---|---|"]
     for target in report["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[target["met"]]
@@ -618,6 +644,7 @@ def main(argv=None) -> int:
     variants = plan_variants(args.depths, args.layers, args.variants)
     models = build_models(args, world, variants)
     load_before = os.getloadavg()[0]
+    all_reduce = bare_all_reduce(args, world)
     rows, checks = measure(args, world, variants, models)
 
     report = {
@@ -632,6 +659,7 @@ def main(argv=None) -> int:
                          depths=args.depths, cache=args.cache, compile=args.compile,
                          compile_mode=args.compile_mode if args.compile else None, quick=args.quick),
         "variants": rows,
+        "bare_all_reduce_ms": all_reduce,
         "checks": checks,
         "note": args.note,
     }
