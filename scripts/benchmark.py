@@ -405,6 +405,34 @@ def measure(args, world: World, variants: list[Variant], models: dict) -> tuple[
     return rows, checks
 
 
+def profile_decode(args, world: World, variants: list[Variant], models: dict, prompt: torch.Tensor) -> dict:
+    """Where a decode step's time goes, per variant (eager, torch.profiler): collectives (their self time includes the
+    wait for the other ranks), ATen ops (compute), and the rest of the wall time (Python, dispatch, profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    requests, steps, result = Requests(args, world.device), args.new_tokens - 1, {}
+    for variant in variants:
+        model = models[variant.model]
+        with merge_schedule(model, variant), torch.no_grad():
+            cache = requests.cache(variant.model, model, args.batch)
+            token = requests.logits(model, prompt, cache).argmax(-1, keepdim=True)
+            world.barrier()
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                for _ in range(steps):
+                    token = requests.logits(model, token, cache).argmax(-1, keepdim=True)
+            wall = (time.perf_counter() - start) / steps
+        self_ms = {event.key: event.self_cpu_time_total / 1000 / steps for event in profiler.key_averages()}
+        collectives = sum(ms for op, ms in self_ms.items() if op.startswith(("c10d::", "_c10d_functional::")))
+        aten = sum(self_ms.values()) - collectives
+        result[variant.name] = {
+            "wall_ms_per_step": 1000 * wall, "collectives_ms": collectives, "aten_ms": aten,
+            "other_ms": 1000 * wall - collectives - aten,
+            "top_ops_ms": dict(sorted(self_ms.items(), key=lambda item: -item[1])[:8]),
+        }
+    return result
+
+
 def check(name: str, value: torch.Tensor, reference: torch.Tensor, dtype: str) -> dict:
     error = relative_error(value, reference)
     tolerance = TOLERANCE[getattr(torch, dtype)]
@@ -534,6 +562,13 @@ def write_table(report: dict) -> str:
             f"ms [p10 {cost['p10']:.3f}, p90 {cost['p90']:.3f}, max {cost['max']:.1f}] over {cost['n']}."
             for phase, cost in report["bare_all_reduce_ms"].items()
         ]
+    if report["decode_profile_per_rank"]:
+        lines += ["", "Decode step, rank 0, under torch.profiler (ms per step; collectives include waiting for the "
+                  "other ranks; the rest is Python, dispatch and profiler overhead):", "",
+                  "| variant | wall | collectives | ATen compute | rest |", "|---|---|---|---|---|"]
+        for name, cost in report["decode_profile_per_rank"][0].items():
+            lines.append(f"| {name} | {cost['wall_ms_per_step']:.2f} | {cost['collectives_ms']:.2f} | "
+                         f"{cost['aten_ms']:.2f} | {cost['other_ms']:.2f} |")
     lines += ["", "| target | value | required | met |", "|---|---|---|---|"]
     for target in report["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[target["met"]]
@@ -619,6 +654,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     run.add_argument("--quick", action="store_true", help=f"tiny model and workload for a smoke test: {QUICK}")
     run.add_argument("--out", default=None, help="prefix of the .json/.md/.png files (default benchmark-results/wW)")
+    run.add_argument("--profile", action="store_true",
+                     help="also break one request's decode steps down with torch.profiler (collectives/compute/rest)")
     run.add_argument("--note", default="", help="free text stored with the results (e.g. machine conditions)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -646,6 +683,11 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     all_reduce = bare_all_reduce(args, world)
     rows, checks = measure(args, world, variants, models)
+    profiled = None
+    if args.profile:
+        prompt = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len),
+                               generator=torch.Generator().manual_seed(args.seed)).to(world.device)
+        profiled = world.gather(profile_decode(args, world, variants, models, prompt))
 
     report = {
         "schema": SCHEMA,
@@ -660,6 +702,7 @@ def main(argv=None) -> int:
                          compile_mode=args.compile_mode if args.compile else None, quick=args.quick),
         "variants": rows,
         "bare_all_reduce_ms": all_reduce,
+        "decode_profile_per_rank": profiled,
         "checks": checks,
         "note": args.note,
     }
