@@ -535,7 +535,8 @@ def write_table(report: dict) -> str:
         f"n={model['num_tracks']}; prefill P={workload['prompt_len']} at batch {workload['batch']}, "
         f"{workload['new_tokens']} new tokens, throughput at batch {workload['throughput_batch']}; "
         f"{workload['repeats']} repeats after {workload['warmup']} warm-up, medians [p10-p90]; "
-        f"{workload['cache']} cache{', torch.compile' if workload['compile'] else ''}.",
+        f"{workload['cache']} cache{', torch.compile' if workload['compile'] else ''}; load average "
+        f"{env['load_average_1min_before']:.1f} -> {env['load_average_1min']:.1f} on {env['cpu_count']} CPUs.",
         "",
         "| variant | merges/forward (counted) | TTFT ms | TTFT / TP | TPOT ms | TPOT / TP | throughput tok/s | "
         "tput / TP | peak mem/rank MiB |",
