@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def build_models(args, world: World, variants: list[Variant]) -> dict[str, torch
             pt = PTForCausalLM.from_llama(llama, args.num_tracks)
         return {"pt": pt.eval(), "llama": llama.eval()}
 
-    workdir = world.gather(tempfile.mkdtemp(prefix="ptt-benchmark-") if world.rank == 0 else None)[0]
+    # every rank reads rank 0's files: one machine, or a --workdir that all machines share
+    workdir = world.gather(tempfile.mkdtemp(prefix="ptt-benchmark-", dir=args.workdir) if world.rank == 0 else None)[0]
     if world.rank == 0:
         torch.manual_seed(args.seed)
         llama = LlamaForCausalLM(llama_config(args))
@@ -189,7 +191,7 @@ def build_models(args, world: World, variants: list[Variant]) -> dict[str, torch
         models["llama"] = LlamaForCausalLM.from_pretrained(f"{workdir}/llama", **parallel).eval()
     world.barrier()
     if world.rank == 0:
-        subprocess.run(["rm", "-rf", workdir], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
     return models
 
 
@@ -299,7 +301,7 @@ def bare_all_reduce(args, world: World, repeats: int = 200) -> dict | None:
     dtype = getattr(torch, args.dtype)
     result = {}
     for phase, tokens in (("decode", 1), ("prefill", args.prompt_len)):
-        tensor = torch.ones(args.batch, tokens, args.hidden_size, dtype=dtype, device=world.device)
+        tensor = torch.zeros(args.batch, tokens, args.hidden_size, dtype=dtype, device=world.device)  # stays finite
         samples = []
         for index in range(repeats + 10):
             start = time.perf_counter()
@@ -653,6 +655,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--compile", action="store_true", help="torch.compile the forwards (use with --cache static)")
     run.add_argument("--compile-mode", default=None, help='default: "reduce-overhead" on CUDA, torch\'s default on CPU')
     run.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
+    run.add_argument("--workdir", default=None,
+                     help="under a launcher: where rank 0 saves the checkpoints the ranks load (default: a temp dir)")
     run.add_argument("--quick", action="store_true", help=f"tiny model and workload for a smoke test: {QUICK}")
     run.add_argument("--out", default=None, help="prefix of the .json/.md/.png files (default benchmark-results/wW)")
     run.add_argument("--profile", action="store_true",
