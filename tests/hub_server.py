@@ -151,6 +151,7 @@ class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     store: HubStore  # set on the subclass made by `HubServer`
     log: list  # (method, path, status) of every request, for tests that assert what was (not) asked
+    echo: bool = False  # print every request (command-line use)
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
@@ -183,6 +184,8 @@ class HubHandler(BaseHTTPRequestHandler):
             headers["X-Error-Message"] = str(err)
             self.answer(err.status, payload, headers, head=method == "HEAD")
         self.log.append((method, url.path, status))
+        if self.echo:
+            print(f"{method} {url.path} -> {status}", flush=True)
 
     def answer(self, status: int, body: bytes, headers: dict | None = None, head: bool = False):
         self.send_response(status)
@@ -218,6 +221,8 @@ class HubHandler(BaseHTTPRequestHandler):
             return self.create_repo()
         if method == "POST" and s[:2] == ["api", "validate-yaml"]:
             return self.validate_yaml()
+        if method == "GET" and s[:2] == ["api", "agent-harnesses"]:  # huggingface_hub's user-agent telemetry
+            return self.json({"standardEnvVars": [], "harnesses": {}})
         if s[:2] == ["api", "models"] and len(s) >= 4:
             repo_id, rest = f"{s[2]}/{s[3]}", s[4:]
             if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit", "branch"):
@@ -390,9 +395,9 @@ class HubHandler(BaseHTTPRequestHandler):
 class HubServer:
     """The local hub on 127.0.0.1 and a free port, served from a background thread; `url` goes to `HF_ENDPOINT`."""
 
-    def __init__(self, root: Path, tokens: dict[str, str], port: int = 0):
+    def __init__(self, root: Path, tokens: dict[str, str], port: int = 0, echo: bool = False):
         self.log: list = []
-        handler = type("Handler", (HubHandler,), {"store": HubStore(root, tokens), "log": self.log})
+        handler = type("Handler", (HubHandler,), {"store": HubStore(root, tokens), "log": self.log, "echo": echo})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -414,8 +419,9 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--token", default="hf_local", help="the token that may write (user --user)")
     parser.add_argument("--user", default="local-user")
+    parser.add_argument("--quiet", action="store_true", help="do not print the requests")
     args = parser.parse_args()
-    with HubServer(Path(args.root), {args.token: args.user}, args.port) as server:
+    with HubServer(Path(args.root), {args.token: args.user}, args.port, echo=not args.quiet) as server:
         print(f"local hub at {server.url} (repos in {args.root}); HF_ENDPOINT={server.url} HF_TOKEN={args.token}",
               flush=True)
         try:
