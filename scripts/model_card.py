@@ -14,6 +14,7 @@ Kept out of `modeling_ptt/`: it imports huggingface_hub and Jinja2, which remote
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def build_model_card(model_dir: Path, repo_id: str, config, files: list[str], li
         license=license,
         datasets=datasets or None,
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         repo_id=repo_id,
@@ -188,3 +189,5 @@ def build_model_card(model_dir: Path, repo_id: str, config, files: list[str], li
         prompt=prompt,
         files=sorted(set(files) | {"README.md"}),
     )
+    # optional sections leave runs of blank lines behind; Markdown needs at most one
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))
