@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
@@ -101,7 +102,10 @@ class Hub:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
-    with HubServer(tmp / "repos", {TOKEN: USER}) as server:
+    # The server is on 127.0.0.1, so this module runs even where HF_HUB_OFFLINE=1 is set for the whole suite:
+    # huggingface_hub reads the flag at each request.
+    with HubServer(tmp / "repos", {TOKEN: USER}) as server, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         yield Hub(server, tmp)
 
 
