@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repo_id")
     parser.add_argument("--revision", default=None, help="branch or commit id (default: main)")
-    parser.add_argument("--prompt", default="The")
+    parser.add_argument("--prompt", default="The", help="text prompt, when the repo has a tokenizer")
+    parser.add_argument("--input-ids", type=int, nargs="+", default=None, help="token ids instead of --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
 
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None):
     print(f"loaded {args.repo_id} @ {commit} as {type(model).__module__}.{type(model).__name__}")
     print(f"{config.num_tracks} tracks x {config.num_hidden_layers} layers, D={config.track_block_depth}: "
           f"{config.num_sync_points} sync points per forward; {sum(p.numel() for p in model.parameters()):,} parameters")
-    if tokenizer is not None:
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if args.input_ids is not None or tokenizer is None:
+        input_ids = torch.tensor([args.input_ids or [1, 2, 3]])
     else:
-        input_ids = torch.tensor([[1, 2, 3]])
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print("greedy tokens:", output[0].tolist())
