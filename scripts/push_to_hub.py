@@ -112,6 +112,9 @@ def push(model_dir: Path, repo_id: str, revision: str | None = None, private: bo
 
     `api` defaults to `HfApi()` (endpoint from `HF_ENDPOINT`, token from the usual places)."""
     config, files = repo_files(model_dir)
+    left_local = sorted(p.name for p in model_dir.iterdir() if p.name not in files)
+    print(f"uploading {', '.join(files)} and a generated README.md" +
+          (f"; left local: {', '.join(left_local)}" if left_local else ""))
     api = api or HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision not in (None, "main"):

@@ -13,6 +13,7 @@ Endpoints (model repos only), with the quirks `huggingface_hub` 2.x and `transfo
     POST /api/models/{ns}/{name}/commit/{rev}      ndjson: header, file, deletedFile, deletedFolder lines
     POST /api/models/{ns}/{name}/branch/{branch}   409 when the branch exists
     GET  /api/models/{ns}/{name}/refs
+    GET  /api/models/{ns}/{name}/commits/{rev}     the history, newest first
     POST /api/validate-yaml                        sent for every README.md upload
     GET  /api/models/{ns}/{name}[/revision/{rev}]  with `sha` and `siblings`
     GET  /api/models/{ns}/{name}/tree/{rev}[/{path}]
@@ -96,11 +97,12 @@ class Repo:
             target.write_bytes(content)
         return blob_id
 
-    def new_commit(self, branch: str, tree: dict[str, str], message: str, description: str = "") -> str:
+    def new_commit(self, branch: str, tree: dict[str, str], author: str, message: str, description: str = "") -> str:
         """Write a commit on top of `branch` (created if absent) and move the branch to it. Caller holds the lock."""
         branches = self.refs()["branches"]
         document = {
             "parent": branches.get(branch),
+            "author": author,
             "tree": dict(sorted(tree.items())),
             "title": message,
             "message": description,
@@ -143,7 +145,7 @@ class HubStore:
             repo.write_refs({"branches": {}, "private": private, "created": time.time()})
             # like the Hub, a new repo starts with one commit holding `.gitattributes`
             tree = {name: repo.put_blob(content) for name, content in INITIAL_FILES.items()}
-            repo.new_commit("main", tree, "initial commit")
+            repo.new_commit("main", tree, "system", "initial commit")
             return repo
 
 
@@ -235,6 +237,8 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self.tree(repo_id, rest[1], "/".join(rest[2:]))
             if method == "GET" and rest == ["refs"]:
                 return self.list_refs(repo_id)
+            if method == "GET" and len(rest) == 2 and rest[0] == "commits":
+                return self.list_commits(repo_id, rest[1])
         if method in ("GET", "HEAD") and len(s) >= 5 and s[2] == "resolve":
             return self.resolve(f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]), head=method == "HEAD")
         raise HubError(404, f"no such endpoint on the local hub: {method} {self.path}")
@@ -309,7 +313,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     tree = {p: b for p, b in tree.items() if not p.startswith(prefix)}
                 else:  # lfsFile: preupload never asks for LFS, so a client sending one is out of step
                     raise HubError(400, f"{path}: '{key}' operations are not supported by the local hub")
-            commit_id = repo.new_commit(revision, tree, header.get("summary", ""), header.get("description", ""))
+            commit_id = repo.new_commit(revision, tree, self.user(), header.get("summary", ""),
+                                        header.get("description", ""))
         return self.json({
             "success": True,
             "commitOid": commit_id,
@@ -336,6 +341,17 @@ class HubHandler(BaseHTTPRequestHandler):
             for name, commit in repo.refs()["branches"].items()
         ]
         return self.json({"branches": branches, "tags": [], "converts": []})
+
+    def list_commits(self, repo_id: str, revision: str) -> int:
+        """The history of `revision`, newest first, following parents like `git log`."""
+        repo = self.store.repo(repo_id, self.user())
+        history, commit_id = [], repo.resolve(revision)
+        while commit_id is not None:
+            commit = repo.commit(commit_id)
+            history.append({"id": commit_id, "authors": [{"user": commit["author"]}], "date": commit["date"],
+                            "title": commit["title"], "message": commit["message"]})
+            commit_id = commit["parent"]
+        return self.json(history)
 
     def model_info(self, repo_id: str, revision: str) -> int:
         repo = self.store.repo(repo_id, self.user())

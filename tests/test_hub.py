@@ -7,6 +7,7 @@ endpoint (transformers' `from_pretrained`/`push_to_hub`, the scripts) runs in a 
 `HF_HOME` and `HF_HUB_OFFLINE`; this process talks to the server only through `HfApi(endpoint=...)`.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -128,6 +129,7 @@ def published(hub):
     }))
     (v1_dir / "optimizer.pt").write_bytes(b"local training state, not for the Hub")
     pushed = run([str(ROOT / "scripts" / "push_to_hub.py"), str(v1_dir), REPO, "--private"], hub.push_env, hub.tmp)
+    assert "left local: optimizer.pt" in pushed.stdout
     commit_v1 = pushed.stdout.split("commit ")[1].split(":")[0]
 
     v2 = save_tiny_model(v2_dir, seed=2, tokenizer=tokenizer)
@@ -192,6 +194,11 @@ def test_every_push_is_a_new_commit_and_branches_resolve(hub, published):
     assert len(commits) == 3
     assert hub.api.model_info(REPO).sha == published["commit_v2"]
     assert hub.api.model_info(REPO, revision="dev").sha == published["commit_dev"]
+    history = [commit.commit_id for commit in hub.api.list_repo_commits(REPO)]
+    assert history[:2] == [published["commit_v2"], published["commit_v1"]] and len(history) == 3  # + initial
+    # a commit id is the sha1 of the commit document the server stored: change anything and it changes
+    stored = hub.tmp / "repos" / REPO / "commits" / f"{published['commit_v2']}.json"
+    assert hashlib.sha1(stored.read_bytes()).hexdigest() == published["commit_v2"]
     # pushing unchanged files makes no commit (huggingface_hub compares git blob ids from preupload)
     assert push_to_hub.push(published["v2_dir"], REPO, api=hub.api).oid == published["commit_v2"]
 
