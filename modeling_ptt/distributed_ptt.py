@@ -260,7 +260,8 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     """`from_pretrained` for `W = world_size` ranks: this rank's tracks and the shared tensors, nothing else."""
     timeout = process_group_timeout(kwargs.pop("process_group_timeout", None))
     config = kwargs.pop("config", None)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
     attn_implementation = kwargs.pop("attn_implementation", None)
     if kwargs.pop("device_map", None) is not None:
         raise ValueError("device_map and track parallelism (distributed_config/tp_size) are mutually exclusive: "

@@ -144,6 +144,11 @@ def test_one_all_reduce_per_merge_and_nothing_else(ranks, checkpoints, name, ind
         assert seen["collectives_grad"] == {"c10d.allreduce_": merges}  # the autograd-aware merge, forward only
 
 
+def test_the_collective_counter_sees_functional_and_c10d_collectives(ranks):
+    for rank in ranks:
+        assert rank["counter_self_check"] == {"_c10d_functional.all_reduce": 1, "c10d.allreduce_": 1}
+
+
 @pytest.mark.parametrize("name", ["n2", "n4"])
 def test_generate_adds_no_collective_beyond_the_merges(ranks, checkpoints, name):
     config = reference(checkpoints, name, 0).config
@@ -238,6 +243,19 @@ def test_several_ranks_without_a_launcher_is_a_clear_error(checkpoints, monkeypa
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         PTForCausalLM.from_pretrained(checkpoints / "n2", distributed_config=DistributedConfig(tp_size=2))
+
+
+def test_process_group_timeout_comes_from_the_argument_or_the_environment(monkeypatch):
+    from modeling_ptt.distributed_ptt import process_group_timeout
+
+    monkeypatch.delenv("PTT_PROCESS_GROUP_TIMEOUT", raising=False)
+    assert process_group_timeout() is None  # torch's default
+    monkeypatch.setenv("PTT_PROCESS_GROUP_TIMEOUT", "7.5")
+    assert process_group_timeout().total_seconds() == 7.5
+    assert process_group_timeout(3).total_seconds() == 3
+    monkeypatch.setenv("PTT_PROCESS_GROUP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="PTT_PROCESS_GROUP_TIMEOUT"):
+        process_group_timeout()
 
 
 def test_a_custom_tp_plan_is_refused(checkpoints):

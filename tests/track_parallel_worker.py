@@ -52,6 +52,16 @@ def count_forward_calls(model) -> list:
     return calls
 
 
+def counter_sees_functional_collectives() -> dict:
+    """The counter's own check: a functional collective (what DTensor code issues) is counted too."""
+    import torch.distributed._functional_collectives as functional
+
+    with CollectiveCounter() as counter:
+        functional.wait_tensor(functional.all_reduce(torch.ones(2), "sum", dist.group.WORLD))
+        dist.all_reduce(torch.ones(2))
+    return dict(counter.ops)
+
+
 def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -> dict:
     observed = {}
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -146,6 +156,7 @@ def main():
     observed = {}
     for model_dir in args.models:
         observed.update(check(model_dir, inputs, json.loads(args.variants), world_size))
+    observed["counter_self_check"] = counter_sees_functional_collectives()  # the models started the process group
     torch.save(observed, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 
