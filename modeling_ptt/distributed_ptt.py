@@ -116,7 +116,9 @@ def process_group_timeout(seconds: float | None = None) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-def init_track_parallel(world_size: int, timeout: timedelta | None = None) -> tuple[dist.ProcessGroup | None, int, torch.device]:
+def init_track_parallel(
+    world_size: int, timeout: timedelta | None = None
+) -> tuple[dist.ProcessGroup | None, int, torch.device]:
     """Join (or start) the launcher's process group; return it, this rank and this rank's device.
 
     NCCL with `cuda:LOCAL_RANK` where CUDA is available, gloo on the CPU otherwise: the same code either way. A group

@@ -8,8 +8,9 @@ For every W it starts `torchrun --nproc-per-node W` on this script; each rank lo
 `distributed_config=DistributedConfig(tp_size=W)` (W=1 takes the same slice-reading path) and reports how far its
 resident set grew during the load: peak RSS (VmHWM, reset before the load) minus RSS before it, so the interpreter,
 torch and transformers are not counted (a load of a tiny model first pages in the code and starts the process group).
-Parameters are touched after the load, since loaders may hand out lazily mapped file pages. `transformers` is the same checkpoint through transformers' own loader in
-one process, for comparison. Ratio = peak growth / expected bytes; the target is <= 1.05.
+Parameters are touched after the load, since loaders may hand out lazily mapped file pages. `transformers` is the
+same checkpoint through transformers' own loader in one process, for comparison. Ratio = peak growth / expected
+bytes; the target is <= 1.05. Linux only (/proc).
 """
 
 import argparse
@@ -25,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def rss_kib(field: str) -> int:
@@ -41,34 +41,33 @@ def reset_peak_rss() -> None:
 
 def expected_bytes(model_dir: Path) -> tuple[int, int]:
     """(track-stacked bytes, shared bytes) of the checkpoint, from the safetensors headers."""
-    from safetensors import safe_open
-
     from modeling_ptt import PTConfig, PTForCausalLM
+    from modeling_ptt.distributed_ptt import SafetensorsRows
 
     with torch.device("meta"):
         track_names = set(PTForCausalLM(PTConfig.from_pretrained(model_dir)).track_stacked_parameter_names())
-    track = shared = 0
+    sizes = {"track": 0, "shared": 0}
     for file in model_dir.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as checkpoint:
-            for name in checkpoint.keys():
-                lazy = checkpoint.get_slice(name)
-                size = DTYPE_BYTES[lazy.get_dtype()] * torch.Size(lazy.get_shape()).numel()
-                track, shared = (track + size, shared) if name in track_names else (track, shared + size)
-    return track, shared
+        for name, entry in SafetensorsRows(str(file)).entries.items():
+            begin, end = entry["data_offsets"]
+            sizes["track" if name in track_names else "shared"] += end - begin
+    return sizes["track"], sizes["shared"]
 
 
 def child(args) -> None:
     """One rank: load and report the growth of its resident set."""
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, DistributedConfig
+    from transformers import DistributedConfig
+
+    from modeling_ptt import PTForCausalLM
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = {} if args.plain else dict(distributed_config=DistributedConfig(tp_size=world_size))
     # the same load of a tiny model first: code pages, lazy imports and the process group are then in place already
-    AutoModelForCausalLM.from_pretrained(args.warmup, trust_remote_code=True, **parallel)
+    PTForCausalLM.from_pretrained(args.warmup, **parallel)
     before = rss_kib("VmRSS")
     reset_peak_rss()
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, **parallel)
+    model = PTForCausalLM.from_pretrained(args.model, **parallel)
     with torch.no_grad():  # a loader may hand out lazily mapped file pages: count them as the forward will
         for param in model.parameters():
             param.sum()
