@@ -28,7 +28,7 @@ from modeling_ptt import PTConfig, PTForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "track_parallel_worker.py"
 BIN = Path(sys.executable).parent
-LAUNCH_TIMEOUT_S = 90  # hard limit per multi-process job; each takes 10-30 s on 2 contended cores
+LAUNCH_TIMEOUT_S = 60  # hard limit per multi-process job; each takes 15-30 s on 2 contended cores
 VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L=5: 3, 5 and 10 merges
 WORLD_SIZE = 2
 
