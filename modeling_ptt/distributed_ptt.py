@@ -43,6 +43,7 @@ starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HAN
 import json
 import os
 import struct
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -226,36 +227,55 @@ class SafetensorsRows:
 
 def read_track_slices(
     files: list[str],
+    model_name: Callable[[str], str | None],
     expected: dict[str, torch.Size],
     track_names: set[str],
     tracks: range,
-    num_tracks: int,
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors named in `expected`: for track-stacked ones (`track_names`) only the slice `tracks` of dim 0.
 
-    Every shape is checked against `expected` (the full, unsplit shapes) before its bytes are read.
+    `model_name` maps a checkpoint name to the model's (None: not this model's, skip it). Every shape is checked
+    against `expected` (the full, unsplit shapes) before its bytes are read.
     """
+    num_tracks = next(expected[name][0] for name in track_names)
     state_dict = {}
     for path in files:
         checkpoint = SafetensorsRows(path)
         with open(path, "rb") as file:
-            for name in checkpoint.keys():
+            for stored_name in checkpoint.keys():
+                name = model_name(stored_name)
+                if name is None:
+                    continue
                 if name not in expected:
-                    raise ValueError(f"{path}: tensor {name!r} is not a parameter of this PT model")
-                shape = checkpoint.shape(name)
+                    raise ValueError(f"{path}: tensor {stored_name!r} is not a parameter of this PT model")
+                shape = checkpoint.shape(stored_name)
                 if name in track_names and (len(shape) == 0 or shape[0] != num_tracks):
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
                                      f"disagrees with the config's num_tracks={num_tracks}")
                 if shape != expected[name]:
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(shape)}, the config implies "
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, the config implies "
                                      f"{tuple(expected[name])}")
-                tensor = checkpoint.read(file, name, tracks if name in track_names else None)
+                tensor = checkpoint.read(file, stored_name, tracks if name in track_names else None)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 state_dict[name] = tensor.to(device)
     return state_dict
+
+
+def checkpoint_to_model_names(model, expected: dict[str, torch.Size]) -> Callable[[str], str | None]:
+    """transformers' naming rule: a base model (`PTModel`) loads the `model.*` tensors of a checkpoint saved with a
+    head (`PTForCausalLM`) and leaves out the head's own."""
+    prefix = f"{model.base_model_prefix}."
+    is_base_model = model.base_model is model
+
+    def model_name(name: str) -> str | None:
+        if name in expected or not is_base_model:
+            return name
+        return name[len(prefix):] if name.startswith(prefix) else None
+
+    return model_name
 
 
 def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
@@ -289,15 +309,13 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     with torch.device("meta"):
         model = model_class(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    tied = {name for name in model.state_dict() if name in (getattr(model, "_tied_weights_keys", None) or {})}
-    if not config.tie_word_embeddings:
-        tied = set()
     state_dict = read_track_slices(
-        checkpoint_files(path, hub_kwargs), expected, set(model.track_stacked_parameter_names()), tracks,
-        config.num_tracks, device, dtype,
+        checkpoint_files(path, hub_kwargs), checkpoint_to_model_names(model, expected), expected,
+        set(model.track_stacked_parameter_names()), tracks, device, dtype,
     )
-    for target in tied:
-        state_dict.setdefault(target, state_dict.get(model._tied_weights_keys[target]))
+    tied = (model._tied_weights_keys or {}) if config.tie_word_embeddings else {}
+    for target, source in tied.items():  # a tied head is saved without its own copy
+        state_dict.setdefault(target, state_dict.get(source))
     missing = sorted(name for name in expected if state_dict.get(name) is None)
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")

@@ -213,6 +213,16 @@ def test_single_rank_track_parallel_load_equals_the_plain_load(checkpoints, inpu
                        plain.generate(**inputs_of, max_new_tokens=4, do_sample=False))
 
 
+def test_the_base_model_loads_from_a_checkpoint_with_a_head(checkpoints, inputs_of):
+    from modeling_ptt import PTModel
+
+    plain = PTModel.from_pretrained(checkpoints / "n4")
+    sliced = PTModel.from_pretrained(checkpoints / "n4", distributed_config=DistributedConfig(tp_size=1))
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(**inputs_of).last_hidden_state, plain(**inputs_of).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+
+
 def test_tied_embeddings_stay_tied(tmp_path, inputs_of):
     model = tiny_pt(2, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
