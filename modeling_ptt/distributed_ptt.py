@@ -14,8 +14,8 @@ whose style shards dim 0), checked on transformers 5.17 and 5.24:
     (`_use_local_dtensor_params`) or converting them after `from_pretrained` returns, which needs an overridden
     `from_pretrained` anyway;
   - a DTensor `Shard(0)` accepts uneven splits (6 tracks on 4 ranks gives 2, 2, 2, 0 tracks) where PT needs a clear
-    error naming `n` and `W` before anything loads, and a style cannot set `PTTrackSync`'s process group and local
-    track count;
+    error naming `n` and `W` before anything loads, and setting `PTTrackSync`'s process group and local track count
+    would take a style whose `install_forward` sets attributes instead of wrapping a forward;
   - the plan resolution and loading internals it relies on are private and changed between 5.17 and 5.24
     (`model.tp_plan` vs `_resolve_parallel_plans`, the registry class, the shard-on-read path), and generation's
     own tensor-parallel code keys off `colwise` key projections (`get_kv_heads_per_rank`), which PT would not have.
