@@ -7,12 +7,13 @@ one all_reduce per merge. This module holds what surrounds it: working out `W` f
 starting the process group, and reading each rank's slices from safetensors.
 
 Why not transformers' tensor-parallel loader (`distributed_config=DistributedConfig(tp_size=W)` with a `tp_plan`
-whose style shards dim 0), checked on transformers 5.17 and 5.24:
-  - the loader finds a rank's slice from the parameter's DTensor placements (`DtensorShardOperation`), so a style's
-    `shard_param` must turn every track tensor into a DTensor, and the parameters stay DTensors after loading.
-    Computing on plain tensors then means swapping them to local ones around every forward
-    (`_use_local_dtensor_params`) or converting them after `from_pretrained` returns, which needs an overridden
-    `from_pretrained` anyway;
+whose style shards dim 0), tried on transformers 5.17 and 5.24: a style registered in `ALL_PARALLEL_STYLES` whose
+`shard_param` wraps each track tensor as a `Shard(0)` DTensor does load the right slices on both, but
+  - the loader finds a rank's slice from the parameter's DTensor placements, so the parameters stay DTensors after
+    loading and the forward fails on them ("aten.mul.Tensor got mixed torch.Tensor and DTensor"). Computing on plain
+    tensors means swapping them to local ones around every forward (`_use_local_dtensor_params`, what transformers'
+    own styles do) or converting them after `from_pretrained` returns, which needs an overridden `from_pretrained`
+    anyway;
   - a DTensor `Shard(0)` accepts uneven splits (6 tracks on 4 ranks gives 2, 2, 2, 0 tracks) where PT needs a clear
     error naming `n` and `W` before anything loads, and setting `PTTrackSync`'s process group and local track count
     would take a style whose `install_forward` sets attributes instead of wrapping a forward;
