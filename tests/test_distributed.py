@@ -64,12 +64,17 @@ def free_port() -> int:
 
 
 def run_launcher(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a launcher with a hard timeout; on a hang, kill its whole process group (the launcher AND its ranks)."""
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"{command[:3]} hung for {LAUNCH_TIMEOUT_S}s:\n{hang.stdout}\n{hang.stderr}")
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done
+        stdout, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"{' '.join(command)} hung for {LAUNCH_TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
