@@ -228,6 +228,16 @@ def test_the_base_model_loads_from_a_checkpoint_with_a_head(checkpoints, inputs_
                                    atol=1e-5, rtol=0)
 
 
+def test_dtypes_are_read_and_cast_like_the_plain_load(checkpoints, tmp_path):
+    tiny_pt(2).to(torch.bfloat16).save_pretrained(tmp_path)  # 2-byte elements on disk
+    for path, kwargs in ((tmp_path, {}), (checkpoints / "n2", {"dtype": torch.bfloat16})):
+        plain = PTForCausalLM.from_pretrained(path, **kwargs)
+        sliced = PTForCausalLM.from_pretrained(path, tp_size=1, **kwargs)
+        assert sliced.dtype == plain.dtype == torch.bfloat16
+        for key, value in plain.state_dict().items():
+            assert torch.equal(sliced.state_dict()[key], value), key
+
+
 def test_tied_embeddings_stay_tied(tmp_path, inputs_of):
     model = tiny_pt(2, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
