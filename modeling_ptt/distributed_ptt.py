@@ -289,7 +289,8 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     if kwargs.pop("device_map", None) is not None:
         raise ValueError("device_map and track parallelism (distributed_config/tp_size) are mutually exclusive: "
                          "each rank places its tracks on cuda:LOCAL_RANK, or on the CPU without CUDA.")
-    for ignored in ("trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "low_cpu_mem_usage"):
+    for ignored in ("trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "low_cpu_mem_usage",
+                    "use_safetensors", "weights_only"):  # what Auto classes pass, and what is moot here
         kwargs.pop(ignored, None)
     hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
     if not isinstance(config, PreTrainedConfig):
