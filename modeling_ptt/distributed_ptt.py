@@ -7,22 +7,23 @@ one all_reduce per merge. This module holds what surrounds it: working out `W` f
 starting the process group, and reading each rank's slices from safetensors.
 
 Why not transformers' tensor-parallel loader (`distributed_config=DistributedConfig(tp_size=W)` with a `tp_plan`
-whose style shards dim 0), checked on transformers 5.17 and 5.24:
-  - the loader finds a rank's slice from the parameter's DTensor placements (`DtensorShardOperation`), so a style's
-    `shard_param` must turn every track tensor into a DTensor, and the parameters stay DTensors after loading.
-    Computing on plain tensors then means swapping them to local ones around every forward
-    (`_use_local_dtensor_params`) or converting them after `from_pretrained` returns, which needs an overridden
-    `from_pretrained` anyway;
+whose style shards dim 0), tried on transformers 5.17 and 5.24: a style registered in `ALL_PARALLEL_STYLES` whose
+`shard_param` wraps each track tensor as a `Shard(0)` DTensor does load the right slices on both, but
+  - the loader finds a rank's slice from the parameter's DTensor placements, so the parameters stay DTensors after
+    loading and the forward fails on them ("aten.mul.Tensor got mixed torch.Tensor and DTensor"). Computing on plain
+    tensors means swapping them to local ones around every forward (`_use_local_dtensor_params`, what transformers'
+    own styles do) or converting them after `from_pretrained` returns, which needs an overridden `from_pretrained`
+    anyway;
   - a DTensor `Shard(0)` accepts uneven splits (6 tracks on 4 ranks gives 2, 2, 2, 0 tracks) where PT needs a clear
-    error naming `n` and `W` before anything loads, and a style cannot set `PTTrackSync`'s process group and local
-    track count;
+    error naming `n` and `W` before anything loads, and setting `PTTrackSync`'s process group and local track count
+    would take a style whose `install_forward` sets attributes instead of wrapping a forward;
   - the plan resolution and loading internals it relies on are private and changed between 5.17 and 5.24
     (`model.tp_plan` vs `_resolve_parallel_plans`, the registry class, the shard-on-read path), and generation's
     own tensor-parallel code keys off `colwise` key projections (`get_kv_heads_per_rank`), which PT would not have.
 So `PTPreTrainedModel.from_pretrained` takes the same keywords (`distributed_config`, `tp_size`, `tp_plan="auto"`)
 and loads with `load_track_parallel` below: the model is built on the meta device, and every rank reads only its
-slices with `safetensors.safe_open(...).get_slice` (one file or a sharded index), so no rank materialises the
-full model. Parameters are plain tensors afterwards.
+slices of the safetensors files (one file or a sharded index; see `SafetensorsRows` for why not `safe_open`), so no
+rank materialises the full model. Parameters are plain tensors afterwards.
 
 Generation adds no collective beyond the merges. After a merge's all_reduce every rank holds bit-identical merged
 states (the reduction result is computed once per element and shared, and the shared embedding/norm/head then run
@@ -43,11 +44,12 @@ starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HAN
 import collections
 import json
 import os
+import struct
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open  # a dependency of transformers itself
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
@@ -118,7 +120,9 @@ def process_group_timeout(seconds: float | None = None) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-def init_track_parallel(world_size: int, timeout: timedelta | None = None) -> tuple[dist.ProcessGroup | None, int, torch.device]:
+def init_track_parallel(
+    world_size: int, timeout: timedelta | None = None
+) -> tuple[dist.ProcessGroup | None, int, torch.device]:
     """Join (or start) the launcher's process group; return it, this rank and this rank's device.
 
     NCCL with `cuda:LOCAL_RANK` where CUDA is available, gloo on the CPU otherwise: the same code either way. A group
@@ -176,50 +180,119 @@ def checkpoint_files(path: str, hub_kwargs: dict) -> list[str]:
     return [cached_file(path, shard, **hub_kwargs) for shard in shards]
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsRows:
+    """The tensors of one safetensors file, of which only the requested rows (dim-0 indices) are ever read.
+
+    Rows `[a, b)` of a row-major tensor are one contiguous byte range, so a rank reads its tracks with one `readinto`
+    into its own tensor. Not `safetensors.safe_open(...).get_slice`: that maps the whole file and hands out views of
+    the mapping, so a rank's resident set grows by the page-cache pages its slices touch, which the kernel maps in
+    2 MiB folios that straddle the neighbouring ranks' slices (measured: 1.23x the expected bytes on one of 2 ranks),
+    and the file's pages are counted again in every rank.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            header_size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.entries[name]["shape"])
+
+    def read(self, file, name: str, rows: range | None = None) -> torch.Tensor:
+        """Rows `rows` of tensor `name` (all of it when None), from the open binary `file`."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            shape[0] = len(rows)
+        tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        file.seek(self.data_start + begin)
+        if file.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+            raise OSError(f"{self.path}: tensor {name!r} is truncated")
+        return tensor
+
+
 def read_track_slices(
     files: list[str],
+    model_name: Callable[[str], str | None],
     expected: dict[str, torch.Size],
     track_names: set[str],
     tracks: range,
-    num_tracks: int,
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors named in `expected`: for track-stacked ones (`track_names`) only the slice `tracks` of dim 0.
 
-    Every shape is checked against `expected` (the full, unsplit shapes) before its bytes are read.
+    `model_name` maps a checkpoint name to the model's (None: not this model's, skip it). Every shape is checked
+    against `expected` (the full, unsplit shapes) before its bytes are read.
     """
+    num_tracks = next(expected[name][0] for name in track_names)
     state_dict = {}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as checkpoint:
-            for name in checkpoint.keys():
+    for path in files:
+        checkpoint = SafetensorsRows(path)
+        with open(path, "rb") as file:
+            for stored_name in checkpoint.keys():
+                name = model_name(stored_name)
+                if name is None:
+                    continue
                 if name not in expected:
-                    raise ValueError(f"{file}: tensor {name!r} is not a parameter of this PT model")
-                lazy = checkpoint.get_slice(name)
-                shape = torch.Size(lazy.get_shape())
+                    raise ValueError(f"{path}: tensor {stored_name!r} is not a parameter of this PT model")
+                shape = checkpoint.shape(stored_name)
                 if name in track_names and (len(shape) == 0 or shape[0] != num_tracks):
-                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
                                      f"disagrees with the config's num_tracks={num_tracks}")
                 if shape != expected[name]:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config implies "
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, the config implies "
                                      f"{tuple(expected[name])}")
-                tensor = lazy[tracks.start : tracks.stop] if name in track_names else lazy[:]
+                tensor = checkpoint.read(file, stored_name, tracks if name in track_names else None)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 state_dict[name] = tensor.to(device)
     return state_dict
 
 
+def checkpoint_to_model_names(model, expected: dict[str, torch.Size]) -> Callable[[str], str | None]:
+    """transformers' naming rule: a base model (`PTModel`) loads the `model.*` tensors of a checkpoint saved with a
+    head (`PTForCausalLM`) and leaves out the head's own."""
+    prefix = f"{model.base_model_prefix}."
+    is_base_model = model.base_model is model
+
+    def model_name(name: str) -> str | None:
+        if name in expected or not is_base_model:
+            return name
+        return name[len(prefix):] if name.startswith(prefix) else None
+
+    return model_name
+
+
 def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     """`from_pretrained` for `W = world_size` ranks: this rank's tracks and the shared tensors, nothing else."""
     timeout = process_group_timeout(kwargs.pop("process_group_timeout", None))
     config = kwargs.pop("config", None)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
     attn_implementation = kwargs.pop("attn_implementation", None)
     if kwargs.pop("device_map", None) is not None:
         raise ValueError("device_map and track parallelism (distributed_config/tp_size) are mutually exclusive: "
                          "each rank places its tracks on cuda:LOCAL_RANK, or on the CPU without CUDA.")
-    for ignored in ("trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "low_cpu_mem_usage"):
+    for ignored in ("trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "low_cpu_mem_usage",
+                    "use_safetensors", "weights_only"):  # what Auto classes pass, and what is moot here
         kwargs.pop(ignored, None)
     hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
     if not isinstance(config, PreTrainedConfig):
@@ -240,15 +313,13 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     with torch.device("meta"):
         model = model_class(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    tied = {name for name in model.state_dict() if name in (getattr(model, "_tied_weights_keys", None) or {})}
-    if not config.tie_word_embeddings:
-        tied = set()
     state_dict = read_track_slices(
-        checkpoint_files(path, hub_kwargs), expected, set(model.track_stacked_parameter_names()), tracks,
-        config.num_tracks, device, dtype,
+        checkpoint_files(path, hub_kwargs), checkpoint_to_model_names(model, expected), expected,
+        set(model.track_stacked_parameter_names()), tracks, device, dtype,
     )
-    for target in tied:
-        state_dict.setdefault(target, state_dict.get(model._tied_weights_keys[target]))
+    tied = (model._tied_weights_keys or {}) if config.tie_word_embeddings else {}
+    for target, source in tied.items():  # a tied head is saved without its own copy
+        state_dict.setdefault(target, state_dict.get(source))
     missing = sorted(name for name in expected if state_dict.get(name) is None)
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")

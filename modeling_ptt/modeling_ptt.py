@@ -282,6 +282,7 @@ class PTPreTrainedModel(PreTrainedModel):
 
     @property
     def holds_all_tracks(self) -> bool:
+        """False after a track-parallel load with W > 1: this process holds `num_tracks / W` of the tracks."""
         return all(sync.num_local_tracks == sync.num_tracks for sync in self.modules() if isinstance(sync, PTTrackSync))
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -28,7 +28,7 @@ from modeling_ptt import PTConfig, PTForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "track_parallel_worker.py"
 BIN = Path(sys.executable).parent
-LAUNCH_TIMEOUT_S = 90  # hard limit per multi-process job; each takes 10-30 s on 2 contended cores
+LAUNCH_TIMEOUT_S = 60  # hard limit per multi-process job; each takes 15-30 s on 2 contended cores
 VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L=5: 3, 5 and 10 merges
 WORLD_SIZE = 2
 
@@ -64,12 +64,17 @@ def free_port() -> int:
 
 
 def run_launcher(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a launcher with a hard timeout; on a hang, kill its whole process group (the launcher AND its ranks)."""
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"{command[:3]} hung for {LAUNCH_TIMEOUT_S}s:\n{hang.stdout}\n{hang.stderr}")
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done
+        stdout, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"{' '.join(command)} hung for {LAUNCH_TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +149,11 @@ def test_one_all_reduce_per_merge_and_nothing_else(ranks, checkpoints, name, ind
         assert seen["collectives_grad"] == {"c10d.allreduce_": merges}  # the autograd-aware merge, forward only
 
 
+def test_the_collective_counter_sees_functional_and_c10d_collectives(ranks):
+    for rank in ranks:
+        assert rank["counter_self_check"] == {"_c10d_functional.all_reduce": 1, "c10d.allreduce_": 1}
+
+
 @pytest.mark.parametrize("name", ["n2", "n4"])
 def test_generate_adds_no_collective_beyond_the_merges(ranks, checkpoints, name):
     config = reference(checkpoints, name, 0).config
@@ -208,6 +218,26 @@ def test_single_rank_track_parallel_load_equals_the_plain_load(checkpoints, inpu
                        plain.generate(**inputs_of, max_new_tokens=4, do_sample=False))
 
 
+def test_the_base_model_loads_from_a_checkpoint_with_a_head(checkpoints, inputs_of):
+    from modeling_ptt import PTModel
+
+    plain = PTModel.from_pretrained(checkpoints / "n4")
+    sliced = PTModel.from_pretrained(checkpoints / "n4", distributed_config=DistributedConfig(tp_size=1))
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(**inputs_of).last_hidden_state, plain(**inputs_of).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+
+
+def test_dtypes_are_read_and_cast_like_the_plain_load(checkpoints, tmp_path):
+    tiny_pt(2).to(torch.bfloat16).save_pretrained(tmp_path)  # 2-byte elements on disk
+    for path, kwargs in ((tmp_path, {}), (checkpoints / "n2", {"dtype": torch.bfloat16})):
+        plain = PTForCausalLM.from_pretrained(path, **kwargs)
+        sliced = PTForCausalLM.from_pretrained(path, tp_size=1, **kwargs)
+        assert sliced.dtype == plain.dtype == torch.bfloat16
+        for key, value in plain.state_dict().items():
+            assert torch.equal(sliced.state_dict()[key], value), key
+
+
 def test_tied_embeddings_stay_tied(tmp_path, inputs_of):
     model = tiny_pt(2, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
@@ -238,6 +268,19 @@ def test_several_ranks_without_a_launcher_is_a_clear_error(checkpoints, monkeypa
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         PTForCausalLM.from_pretrained(checkpoints / "n2", distributed_config=DistributedConfig(tp_size=2))
+
+
+def test_process_group_timeout_comes_from_the_argument_or_the_environment(monkeypatch):
+    from modeling_ptt.distributed_ptt import process_group_timeout
+
+    monkeypatch.delenv("PTT_PROCESS_GROUP_TIMEOUT", raising=False)
+    assert process_group_timeout() is None  # torch's default
+    monkeypatch.setenv("PTT_PROCESS_GROUP_TIMEOUT", "7.5")
+    assert process_group_timeout().total_seconds() == 7.5
+    assert process_group_timeout(3).total_seconds() == 3
+    monkeypatch.setenv("PTT_PROCESS_GROUP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="PTT_PROCESS_GROUP_TIMEOUT"):
+        process_group_timeout()
 
 
 def test_a_custom_tp_plan_is_refused(checkpoints):

@@ -10,7 +10,6 @@ a single-process run.
 """
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -23,11 +22,12 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, DistributedConfig, LogitsProcessor, LogitsProcessorList, set_seed
 
 
-def collective_counter(model):
-    """The package's `CollectiveCounter` (c10d and functional collectives), taken from the remote code `model` was
-    loaded with: this worker imports nothing from the repository."""
-    package = type(model).__module__.rpartition(".")[0]
-    return importlib.import_module(f"{package}.distributed_ptt").CollectiveCounter()
+def collective_counter():
+    """The package's `CollectiveCounter` (it sees c10d and functional collectives), taken from the remote code the
+    models were loaded with: this worker imports nothing from the repository."""
+    module = next(module for name, module in sys.modules.items()
+                  if name.startswith("transformers_modules.") and name.endswith(".distributed_ptt"))
+    return module.CollectiveCounter()
 
 
 def cache_of(output):
@@ -38,6 +38,16 @@ def count_forward_calls(model) -> list:
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     return calls
+
+
+def counter_sees_functional_collectives() -> dict:
+    """The counter's own check: a functional collective (what DTensor code issues) is counted too."""
+    import torch.distributed._functional_collectives as functional
+
+    with collective_counter() as counter:
+        functional.wait_tensor(functional.all_reduce(torch.ones(2), "sum", dist.group.WORLD))
+        dist.all_reduce(torch.ones(2))
+    return dict(counter.ops)
 
 
 def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -> dict:
@@ -56,10 +66,10 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
             "q_proj_0": model.model.layers[0].self_attn.q_proj.weight.detach().clone(),
             "embed": model.model.embed_tokens.weight.detach().clone(),
         }
-        with torch.no_grad(), collective_counter(model) as counter:
+        with torch.no_grad(), collective_counter() as counter:
             result["logits"] = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_no_grad"] = dict(counter.ops)
-        with collective_counter(model) as counter:  # the autograd-aware merge
+        with collective_counter() as counter:  # the autograd-aware merge
             logits = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_grad"] = dict(counter.ops)
         result["logits_grad"] = logits.detach()
@@ -67,7 +77,7 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         if index == 0:  # generation is the same for every variant; once is enough
             forwards = count_forward_calls(model)
             generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6)
-            with collective_counter(model) as counter:
+            with collective_counter() as counter:
                 result["greedy"] = model.generate(**generate, do_sample=False)
             result["greedy_collectives"] = dict(counter.ops)
             result["greedy_forwards"] = len(forwards)
@@ -134,6 +144,7 @@ def main():
     observed = {}
     for model_dir in args.models:
         observed.update(check(model_dir, inputs, json.loads(args.variants), world_size))
+    observed["counter_self_check"] = counter_sees_functional_collectives()  # the models started the process group
     torch.save(observed, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 
