@@ -81,7 +81,7 @@ def time_model(model, args, device) -> tuple[float, float]:
         for repeat in range(args.warmup + args.repeats):
             sync()
             start = time.perf_counter()
-            cache = model(prompt, use_cache=True, logits_to_keep=1).__getattribute__(CACHE_FIELD)
+            cache = getattr(model(prompt, use_cache=True, logits_to_keep=1), CACHE_FIELD)
             sync()
             prefilled = time.perf_counter()
             steps = []
