@@ -314,65 +314,84 @@ def bare_all_reduce(args, world: World, repeats: int = 200) -> dict | None:
     return result
 
 
-def measure(args, world: World, variants: list[Variant], models: dict) -> tuple[list[dict], list[dict]]:
-    requests = Requests(args, world.device)
-    generator = torch.Generator().manual_seed(args.seed)  # the same prompts on every rank
-    prompt = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len), generator=generator).to(world.device)
-    follow = torch.randint(0, args.vocab_size, (args.batch, 2), generator=generator).to(world.device)
-    big_prompt = (torch.randint(0, args.vocab_size, (args.throughput_batch, args.prompt_len), generator=generator)
-                  .to(world.device) if args.throughput_batch else None)
-    forwards = dict(models)
-    if args.compile:
-        for option in ("recompile_limit", "cache_size_limit"):  # every variant is its own set of guards
-            if hasattr(torch._dynamo.config, option):
-                setattr(torch._dynamo.config, option, 64)
-        forwards = {key: torch.compile(model, mode=args.compile_mode, fullgraph=args.fullgraph)
-                    for key, model in models.items()}
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """What every variant is fed, drawn from the seed: the same on every rank."""
 
-    rows, checks = [], []
-    probes = len(variants) * (2 if args.compile else 1)
-    bar = tqdm(total=probes + len(variants) * (args.warmup + args.repeats), desc=f"rank 0 of {world.size}",
+    prompt: torch.Tensor  # [batch, P]: TTFT and TPOT requests
+    follow: torch.Tensor  # [batch, 2]: tokens fed after the prompt when outputs are compared
+    throughput: torch.Tensor | None  # [throughput_batch, P]
+
+    @classmethod
+    def draw(cls, args, device: torch.device) -> "Prompts":
+        generator = torch.Generator().manual_seed(args.seed)
+
+        def tokens(batch, length):
+            return torch.randint(0, args.vocab_size, (batch, length), generator=generator).to(device)
+
+        return cls(tokens(args.batch, args.prompt_len), tokens(args.batch, 2),
+                   tokens(args.throughput_batch, args.prompt_len) if args.throughput_batch else None)
+
+
+def compile_forwards(args, models: dict) -> dict:
+    if not args.compile:
+        return dict(models)
+    for option in ("recompile_limit", "cache_size_limit"):  # every variant is its own set of guards
+        if hasattr(torch._dynamo.config, option):
+            setattr(torch._dynamo.config, option, 64)
+    return {key: torch.compile(model, mode=args.compile_mode, fullgraph=args.fullgraph) for key, model in models.items()}
+
+
+def probe(args, world: World, variant: Variant, model, forward, requests: Requests, prompts: Prompts):
+    """Untimed: the collectives of a prefill and of a decode step (counted on the eager model; a compiled one runs
+    the same collectives), the peak memory of a request at the largest batch, and the outputs to compare."""
+    checks = []
+    with merge_schedule(model, variant), torch.no_grad():
+        cache = requests.cache(variant.model, model, args.batch)
+        with CollectiveCounter() as prefill_count:
+            token = requests.logits(model, prompts.prompt, cache).argmax(-1, keepdim=True)
+        with CollectiveCounter() as decode_count:
+            requests.logits(model, token, cache)
+        eager = requests.teacher_forced(model, requests.cache(variant.model, model, args.batch), prompts.prompt,
+                                        prompts.follow)
+        reset_peak_memory(world.device)
+        largest = prompts.throughput if prompts.throughput is not None else prompts.prompt
+        requests.run(forward, requests.cache(variant.model, model, largest.shape[0]), largest, args.new_tokens)
+        peak = peak_memory_bytes(world.device)
+        if args.compile:
+            compiled = requests.teacher_forced(forward, requests.cache(variant.model, model, args.batch),
+                                               prompts.prompt, prompts.follow)
+            checks.append(check(f"{variant.name}: compiled vs eager", compiled, eager, args.dtype))
+    row = dict(
+        name=variant.name,
+        model=variant.model,
+        sync_mode=variant.sync_mode,
+        track_block_depth=variant.track_block_depth,
+        expected_merges=variant.expected_merges(args.layers) if world.size > 1 else 0,
+        collectives={"prefill": dict(prefill_count.ops), "decode": dict(decode_count.ops)},
+        peak_memory_bytes_per_rank=world.gather(peak),
+        weight_bytes_per_rank=world.gather(local_weight_bytes(model)),
+        parameters=sum(p.numel() for p in model.parameters()) if world.size == 1 else None,
+    )
+    return row, eager, checks
+
+
+def measure(args, world: World, variants: list[Variant], models: dict) -> tuple[list[dict], list[dict]]:
+    requests, prompts = Requests(args, world.device), Prompts.draw(args, world.device)
+    forwards = compile_forwards(args, models)
+    bar = tqdm(total=len(variants) * (1 + args.warmup + args.repeats), desc=f"rank 0 of {world.size}",
                unit="request", disable=world.rank != 0, file=sys.stdout)
 
-    # Untimed, once per variant: the collectives of a prefill and of a decode step (counted on the eager model; a
-    # compiled model runs the same collectives), the peak memory of a request at the largest batch, the outputs.
-    eager_outputs = {}
+    rows, checks, eager = [], [], {}
     for variant in variants:
-        model, forward = models[variant.model], forwards[variant.model]
-        with merge_schedule(model, variant), torch.no_grad():
-            cache = requests.cache(variant.model, model, args.batch)
-            with CollectiveCounter() as prefill_count:
-                token = requests.logits(model, prompt, cache).argmax(-1, keepdim=True)
-            with CollectiveCounter() as decode_count:
-                requests.logits(model, token, cache)
-            eager_outputs[variant.name] = requests.teacher_forced(
-                model, requests.cache(variant.model, model, args.batch), prompt, follow)
-            bar.update()
-            reset_peak_memory(world.device)
-            batch = args.throughput_batch or args.batch
-            requests.run(forward, requests.cache(variant.model, model, batch), big_prompt if args.throughput_batch
-                         else prompt, args.new_tokens)
-            peak = peak_memory_bytes(world.device)
-            if args.compile:
-                compiled = requests.teacher_forced(
-                    forward, requests.cache(variant.model, model, args.batch), prompt, follow)
-                checks.append(check(f"{variant.name}: compiled vs eager", compiled, eager_outputs[variant.name],
-                                    args.dtype))
-                bar.update()
-        rows.append(dict(
-            name=variant.name,
-            model=variant.model,
-            sync_mode=variant.sync_mode,
-            track_block_depth=variant.track_block_depth,
-            expected_merges=variant.expected_merges(args.layers) if world.size > 1 else 0,
-            collectives={"prefill": dict(prefill_count.ops), "decode": dict(decode_count.ops)},
-            peak_memory_bytes_per_rank=world.gather(peak),
-            weight_bytes_per_rank=world.gather(local_weight_bytes(model)),
-            parameters=sum(p.numel() for p in model.parameters()) if world.size == 1 else None,
-        ))
-    if "tensor_parallel" in eager_outputs and "transformers_llama" in eager_outputs:
+        row, eager[variant.name], variant_checks = probe(
+            args, world, variant, models[variant.model], forwards[variant.model], requests, prompts)
+        rows.append(row)
+        checks += variant_checks
+        bar.update()
+    if "tensor_parallel" in eager and "transformers_llama" in eager:
         checks.append(check("PT tensor_parallel layout vs transformers Llama (same weights)",
-                            eager_outputs["tensor_parallel"], eager_outputs["transformers_llama"], args.dtype))
+                            eager["tensor_parallel"], eager["transformers_llama"], args.dtype))
 
     # Timed: the variants take turns within every repeat.
     samples = {variant.name: {"ttft": [], "tpot": [], "throughput": []} for variant in variants}
@@ -381,16 +400,16 @@ def measure(args, world: World, variants: list[Variant], models: dict) -> tuple[
             model, forward = models[variant.model], forwards[variant.model]
             with merge_schedule(model, variant), torch.no_grad():
                 world.barrier()
-                ttft, steps, _ = requests.run(forward, requests.cache(variant.model, model, args.batch), prompt,
-                                              args.new_tokens)
-                if args.throughput_batch:
+                ttft, steps, _ = requests.run(forward, requests.cache(variant.model, model, args.batch),
+                                              prompts.prompt, args.new_tokens)
+                if prompts.throughput is not None:
                     world.barrier()
                     _, _, whole = requests.run(forward, requests.cache(variant.model, model, args.throughput_batch),
-                                               big_prompt, args.new_tokens)
+                                               prompts.throughput, args.new_tokens)
             if repeat >= args.warmup:
                 samples[variant.name]["ttft"].append(ttft)
                 samples[variant.name]["tpot"].extend(steps)
-                if args.throughput_batch:
+                if prompts.throughput is not None:
                     samples[variant.name]["throughput"].append(args.throughput_batch * args.new_tokens / whole)
             bar.update()
     bar.close()
@@ -690,9 +709,7 @@ def main(argv=None) -> int:
     rows, checks = measure(args, world, variants, models)
     profiled = None
     if args.profile:
-        prompt = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len),
-                               generator=torch.Generator().manual_seed(args.seed)).to(world.device)
-        profiled = world.gather(profile_decode(args, world, variants, models, prompt))
+        profiled = world.gather(profile_decode(args, world, variants, models, Prompts.draw(args, world.device).prompt))
 
     report = {
         "schema": SCHEMA,
