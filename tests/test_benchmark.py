@@ -30,7 +30,7 @@ def run_quick(tmp_path: Path, world_size: int) -> dict:
     prefix = tmp_path / f"w{world_size}"
     launcher = [sys.executable] if world_size == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={world_size}"]
-    command = [*launcher, str(BENCHMARK), "--quick", "--out", str(prefix)]
+    command = [*launcher, str(BENCHMARK), "--quick", "--profile", "--out", str(prefix)]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as hang:
@@ -66,6 +66,11 @@ def test_report_schema(report):
         assert all(peak > 0 for peak in row["peak_memory_bytes_per_rank"])
         assert len(row["median_ms_per_rank"]) == env["world_size"]
     assert {target["name"] for target in report["targets"]} == set(report["ratios"])
+    assert len(report["decode_profile_per_rank"]) == env["world_size"]
+    for profiled in report["decode_profile_per_rank"]:
+        assert list(profiled) == VARIANTS
+        assert all(cost["wall_ms_per_step"] > 0 and cost["aten_ms"] > 0 for cost in profiled.values())
+    assert (report["bare_all_reduce_ms"] is None) == (env["world_size"] == 1)
 
 
 def test_outputs_of_pt_in_tensor_parallel_layout_match_the_llama(report):
