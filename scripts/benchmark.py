@@ -258,7 +258,7 @@ class Requests:
         # cloned: a CUDA-graph replay (torch.compile mode "reduce-overhead") overwrites the previous call's outputs
         outputs = [self.logits(forward, prompt, cache).clone()]
         for column in follow.unbind(1):
-            outputs.append(self.logits(forward, column[:, None], cache).clone())
+            outputs.append(self.logits(forward, column[:, None].contiguous(), cache).clone())  # no stride recompile
         return torch.stack(outputs, 1).float()
 
 
