@@ -254,7 +254,8 @@ class Requests:
         return prefilled - start, steps, time.perf_counter() - start
 
     def teacher_forced(self, forward, cache: Cache, prompt: torch.Tensor, follow: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, 1 + k, V]` of the prefill and of k decode steps fed the given tokens: comparable across models."""
+        """Logits `[B, 1 + k, V]` of the prefill and of k decode steps fed the given tokens (comparable across
+        models)."""
         # cloned: a CUDA-graph replay (torch.compile mode "reduce-overhead") overwrites the previous call's outputs
         outputs = [self.logits(forward, prompt, cache).clone()]
         for column in follow.unbind(1):
@@ -339,7 +340,8 @@ def compile_forwards(args, models: dict) -> dict:
     for option in ("recompile_limit", "cache_size_limit"):  # every variant is its own set of guards
         if hasattr(torch._dynamo.config, option):
             setattr(torch._dynamo.config, option, 64)
-    return {key: torch.compile(model, mode=args.compile_mode, fullgraph=args.fullgraph) for key, model in models.items()}
+    return {key: torch.compile(model, mode=args.compile_mode, fullgraph=args.fullgraph)
+            for key, model in models.items()}
 
 
 def probe(args, world: World, variant: Variant, model, forward, requests: Requests, prompts: Prompts):
@@ -510,8 +512,8 @@ def ratios_and_targets(rows: list[dict], world_size: int) -> tuple[dict, list[di
                                                                                   metric), 1.0, True))
     throughputs = [(by_name.get(name) or {}).get("throughput_tokens_per_s") for name in (deepest, "transformers_llama")]
     if all(throughputs):
-        targets.append((f"throughput {deepest} / transformers_llama", throughputs[0]["median"] / throughputs[1]["median"],
-                        1.0, True))
+        speed_up = throughputs[0]["median"] / throughputs[1]["median"]
+        targets.append((f"throughput {deepest} / transformers_llama", speed_up, 1.0, True))
     targets = [
         dict(name=name, value=value, target=f"{'>=' if at_least else '<='} {limit:.2f}",
              met=None if value is None else (value >= limit if at_least else value <= limit))
@@ -566,7 +568,8 @@ def write_table(report: dict) -> str:
     model, workload, env = report["model"], report["workload"], report["environment"]
     lines = [
         f"W={env['world_size']} ({env['backend'] or 'one process'}) on {env['device_name']}, "
-        f"{env['torch_threads_per_rank']} thread(s) per rank, {model['dtype']}; L={model['layers']} d={model['hidden_size']} "
+        f"{env['torch_threads_per_rank']} thread(s) per rank, {model['dtype']}; L={model['layers']} "
+        f"d={model['hidden_size']} "
         f"FFN={model['intermediate_size']} heads={model['heads']} KV heads={model['kv_heads']} V={model['vocab_size']} "
         f"n={model['num_tracks']}; prefill P={workload['prompt_len']} at batch {workload['batch']}, "
         f"{workload['new_tokens']} new tokens, throughput at batch {workload['throughput_batch']}; "

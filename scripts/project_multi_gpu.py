@@ -13,7 +13,7 @@ the all-reduces of B x S x d activations per forward: 2L for TP, ceil(L/D) for P
   - "roofline": max(FLOPs / (peak * efficiency), bytes / (HBM bandwidth * efficiency)) with H100 SXM figures.
 The all-reduce cost model (ring algorithm, as NCCL uses for these sizes):
 
-    all_reduce(bytes) = latency + 2 (W-1)/W * bytes / bus_bandwidth,   all_gather(bytes) = latency + (W-1)/W * bytes / bw
+    all_reduce(bytes) = latency + 2 (W-1)/W * bytes / bus_bandwidth,  all_gather(bytes) = latency + (W-1)/W * bytes/bw
 
 Defaults: 8x H100 SXM over NVLink 4 / NVSwitch: latency 15 us per collective (NCCL small-message all-reduce),
 bus bandwidth 360 GB/s (NCCL all_reduce busbw for large messages; the links give 450 GB/s per direction). Every
@@ -49,7 +49,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def track_slice_config(config: PTConfig, world_size: int, layers: int) -> PTConfig:
     """One rank's share of every layer (one track when W = n) as a one-track model with `layers` layers; the
-    vocabulary is the LM head's shard (V/W rows, as a vocab-parallel head holds), the embedding lookup costs the same."""
+    vocabulary is the LM head's shard (V/W rows, as a vocab-parallel head holds; an embedding lookup costs the
+    same at any vocabulary size)."""
     return PTConfig(
         vocab_size=math.ceil(config.vocab_size / world_size),
         hidden_size=config.hidden_size,
@@ -107,7 +108,8 @@ def measured_compute(config: PTConfig, args) -> dict:
         del model
     layer = [(times[3][i] - times[1][i]) / 2 for i in (0, 1)]
     fixed = [times[1][i] - layer[i] for i in (0, 1)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+    threads = f"{device} ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     return {"source": f"measured on {name}, {args.dtype}, eager", "layer_prefill_s": layer[0],
             "layer_decode_s": layer[1], "fixed_prefill_s": fixed[0], "fixed_decode_s": fixed[1]}
 
@@ -231,9 +233,9 @@ def main():
                "paper": PAPER, "implied_by_paper": implied}
     for compute_source in sources:
         print(f"\ncompute: {compute_source['source']}")
-        print(f"  per layer: prefill {1e3 * compute_source['layer_prefill_s']:.3f} ms, decode "
-              f"{1e3 * compute_source['layer_decode_s']:.3f} ms; fixed: prefill {1e3 * compute_source['fixed_prefill_s']:.3f}"
-              f" ms, decode {1e3 * compute_source['fixed_decode_s']:.3f} ms")
+        ms = {key: 1e3 * value for key, value in compute_source.items() if key.endswith("_s")}
+        print(f"  per layer: prefill {ms['layer_prefill_s']:.3f} ms, decode {ms['layer_decode_s']:.3f} ms; fixed: "
+              f"prefill {ms['fixed_prefill_s']:.3f} ms, decode {ms['fixed_decode_s']:.3f} ms")
         for comm in comm_models:
             rows = project(config, compute_source, comm, args)
             results["projection"].append({"compute": compute_source["source"], "comm": comm, "rows": rows})
@@ -243,19 +245,21 @@ def main():
                   f"{'comm%':>6} | paper TTFT  TPOT")
             for name, row in rows.items():
                 paper = PAPER.get(name, {})
-                paper_text = f"{paper['ttft_ms']:>10.1f} {paper['tpot_ms']:>5.2f}" if paper else f"{'–':>10} {'–':>5}"
+                paper_text = (f"{paper['ttft_ms']:>10.1f} {paper['tpot_ms']:>5.2f}" if paper
+                              else f"{'–':>10} {'–':>5}")
                 print(f"    {name:16} {row['syncs']:>5} {row['ttft_ms']:>9.2f} {row['ttft_vs_tp']:>5.2f} "
                       f"{100 * row['ttft_comm_share']:>5.1f}% {row['tpot_ms']:>9.3f} {row['tpot_vs_tp']:>5.2f} "
                       f"{100 * row['tpot_comm_share']:>5.1f}% | {paper_text}")
     paper_ratio = {key: PAPER["pt_D8"][key] / PAPER["tensor_parallel"][key] for key in ("ttft_ms", "tpot_ms")}
     print(f"\npaper (vLLM, 8x H100, 30B): PT D=8 / TP: TTFT {paper_ratio['ttft_ms']:.2f}, TPOT "
-          f"{paper_ratio['tpot_ms']:.3f}; throughput 4096 in / 128 out {PAPER['tensor_parallel']['throughput_tok_s']:.0f}"
-          f" -> {PAPER['pt_D8']['throughput_tok_s']:.0f} tok/s (+31.9 %), 1024 in / 4096 out -6.6 % (not projected: "
+          f"{paper_ratio['tpot_ms']:.3f}; throughput 4096 in / 128 out "
+          f"{PAPER['tensor_parallel']['throughput_tok_s']:.0f} -> {PAPER['pt_D8']['throughput_tok_s']:.0f} tok/s "
+          "(+31.9 %), 1024 in / 4096 out -6.6 % (not projected: "
           "it depends on the engine's batching)")
     print(f"if TP and PT computed the same, the paper's {implied['saved_all_reduces']} saved all-reduces cost "
-          f"{implied['decode_all_reduce_us']:.1f} us each in decode (latency) and {implied['prefill_all_reduce_us']:.0f}"
-          f" us each in prefill ({1024 * config.hidden_size * 2 / 1e6:.1f} MB: bus bandwidth "
-          f"{implied['implied_bus_bandwidth_gbps']:.0f} GB/s)")
+          f"{implied['decode_all_reduce_us']:.1f} us each in decode (latency) and "
+          f"{implied['prefill_all_reduce_us']:.0f} us each in prefill ({1024 * config.hidden_size * 2 / 1e6:.1f} MB: "
+          f"bus bandwidth {implied['implied_bus_bandwidth_gbps']:.0f} GB/s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
