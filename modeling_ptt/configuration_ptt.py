@@ -45,13 +45,13 @@ class PTConfig(PreTrainedConfig):
             Tokens a sliding-attention layer sees, the current one included (transformers' convention: Mistral,
             Qwen3). Required when a layer is `"sliding_attention"`.
         no_rope_layers (`list[int]`, *optional*):
-            As in `SmolLM3Config`: a `1` at index `l` means layer `l` uses RoPE, a `0` makes it a NoPE layer (no position
-            encoding, as AFM's global layers). Defaults to RoPE on every layer.
+            As in `SmolLM3Config`: a `1` at index `l` means layer `l` uses RoPE, a `0` makes it a NoPE layer (no
+            position encoding, as AFM's global layers). Defaults to RoPE on every layer.
         qk_norm (`bool`, defaults to `False`):
             RMSNorm over the head dim of every query and key head before RoPE (as Qwen3), weights per track.
         mlp_layer_types (`list[str]`, *optional*):
-            `"dense"` (SwiGLU of width `intermediate_size / num_tracks`) or `"sparse"` (per-track mixture of experts) per
-            layer. Defaults to sparse on every layer when `num_experts` is set (as Mixtral), else dense everywhere.
+            `"dense"` (SwiGLU of width `intermediate_size / num_tracks`) or `"sparse"` (per-track mixture of experts)
+            per layer. Defaults to sparse on every layer when `num_experts` is set (as Mixtral), else dense everywhere.
         num_experts (`int`, *optional*):
             Experts PER TRACK in a sparse layer. A track routes its tokens among its own experts only, so experts never
             leave their track and a distributed forward needs no extra collective.
@@ -162,7 +162,8 @@ class PTConfig(PreTrainedConfig):
         """Spell out the per-layer lists, as transformers' configs do, so that layer `l` simply reads entry `l`."""
         num_layers = self.num_hidden_layers
         if self.layer_types is None:
-            self.layer_types = ["sliding_attention" if self.sliding_window is not None else "full_attention"] * num_layers
+            attention = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [attention] * num_layers
         if self.no_rope_layers is None:
             self.no_rope_layers = [1] * num_layers
         if self.mlp_layer_types is None:

@@ -21,8 +21,8 @@ attention only, and a sparse layer's experts belong to one track each (`gate_up_
 token never leaves its track and the merge stays the only communication.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import wraps
 
 import torch
 import torch.distributed as dist
@@ -178,7 +178,9 @@ class PTFoldedExperts:
         self.down_proj = down_proj
         self.act_fn = act_fn
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         output = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
             token, slot = torch.where(top_k_index == expert)
@@ -194,10 +196,10 @@ class PTExperts(nn.Module):
 
     def __init__(self, config: PTConfig):
         super().__init__()
-        n, num_experts, d, width = config.num_tracks, config.num_experts, config.hidden_size, config.moe_intermediate_size
+        n, d, width = config.num_tracks, config.hidden_size, config.moe_intermediate_size
         self.config = config
-        self.gate_up_proj = nn.Parameter(torch.empty(n, num_experts, 2 * width, d))
-        self.down_proj = nn.Parameter(torch.empty(n, num_experts, d, width))
+        self.gate_up_proj = nn.Parameter(torch.empty(n, config.num_experts, 2 * width, d))
+        self.down_proj = nn.Parameter(torch.empty(n, config.num_experts, d, width))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, rows: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -228,17 +230,32 @@ class PTSparseMoeBlock(nn.Module):
         return self.experts(rows, top_k_index, top_k_weights).view_as(tracks)
 
 
-@contextmanager
-def recorded_router_logits(model: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
-    """Collect the logits of every `PTTopKRouter` that runs inside the `with` block, in call order."""
-    router_logits: list[torch.Tensor] = []
-    routers = [module for module in model.modules() if isinstance(module, PTTopKRouter)] if enabled else []
-    hooks = [router.register_forward_hook(lambda _, __, output: router_logits.append(output[0])) for router in routers]
-    try:
-        yield router_logits
-    finally:
-        for hook in hooks:
-            hook.remove()
+def with_router_logits(forward: Callable) -> Callable:
+    """Give a model's forward Mixtral's `output_router_logits`: a model with sparse layers returns a
+    `MoeModelOutputWithPast` whose `router_logits`, when asked for, are the logits of every `PTTopKRouter` in call
+    order, recorded by forward hooks that live for this call only (as transformers' `capture_outputs` does)."""
+
+    @wraps(forward)
+    def forward_with_router_logits(self, *args, output_router_logits: bool | None = None, **kwargs):
+        if not self.has_sparse_layers:
+            return forward(self, *args, **kwargs)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = []
+
+        def record(router, args, output):  # a router returns (logits, top-k weights, top-k indices)
+            router_logits.append(output[0])
+
+        routers = [module for module in self.modules() if isinstance(module, PTTopKRouter)]
+        hooks = [router.register_forward_hook(record) for router in routers] if output_router_logits else []
+        try:
+            outputs = forward(self, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return MoeModelOutputWithPast(**outputs, router_logits=tuple(router_logits) if output_router_logits else None)
+
+    return forward_with_router_logits
 
 
 def pt_load_balancing_loss(
@@ -415,6 +432,7 @@ class PTModel(PTPreTrainedModel):
         sync_after = [i + 1 for i in range(self.config.num_hidden_layers) if self.config.is_sync_layer(i)]
         return [self.layers[start:end] for start, end in zip([0] + sync_after[:-1], sync_after)]
 
+    @with_router_logits
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -424,10 +442,9 @@ class PTModel(PTPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | MoeModelOutputWithPast:
+    ) -> BaseModelOutputWithPast:
         r"""
         `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted).
         With `output_hidden_states=True` the entry after each layer is the mean of the tracks' residual streams
@@ -443,9 +460,6 @@ class PTModel(PTPreTrainedModel):
             use_cache = False  # a recomputed layer would write its keys and values into the cache twice
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_router_logits = self.has_sparse_layers and (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
 
         if inputs_embeds is None:
@@ -470,26 +484,25 @@ class PTModel(PTPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        with recorded_router_logits(self, output_router_logits) as router_logits:
-            for block in self.track_blocks:
-                tracks = sync.dispatch(hidden_states)
-                for layer in block:
-                    tracks = layer(
-                        tracks,
-                        attention_mask=causal_masks[layer.attention_type],
-                        position_embeddings=position_embeddings,
-                        cache=cache,
-                        sync_attention=sync_attention,
-                        **kwargs,
-                    )
-                    if output_hidden_states:
-                        all_hidden_states += (sync.merge(tracks),)
-                hidden_states = sync.merge(tracks)
+        for block in self.track_blocks:
+            tracks = sync.dispatch(hidden_states)
+            for layer in block:
+                tracks = layer(
+                    tracks,
+                    attention_mask=causal_masks[layer.attention_type],
+                    position_embeddings=position_embeddings,
+                    cache=cache,
+                    sync_attention=sync_attention,
+                    **kwargs,
+                )
+                if output_hidden_states:
+                    all_hidden_states += (sync.merge(tracks),)
+            hidden_states = sync.merge(tracks)
 
-        outputs = {"last_hidden_state": self.norm(hidden_states), "hidden_states": all_hidden_states, CACHE_FIELD: cache}
-        if not self.has_sparse_layers:
-            return BaseModelOutputWithPast(**outputs)
-        return MoeModelOutputWithPast(**outputs, router_logits=tuple(router_logits) if output_router_logits else None)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
+        )
 
 
 class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
@@ -570,7 +583,8 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=loss, **common)
         aux_loss = None
         if needs_router_logits:
-            padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            is_padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            padding_mask = attention_mask if is_padding_mask else None
             aux_loss = pt_load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
             )
