@@ -205,6 +205,8 @@ class PTExperts(nn.Module):
     def forward(self, rows: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """`rows` `[n, N, d]`, the top-k of each track's router `[n, N, k]` -> `[n, N, d]`."""
         num_tracks, num_experts = self.gate_up_proj.shape[:2]
+        if rows.shape[0] != num_tracks:  # e.g. a rank that holds only its tracks' rows but every track's experts
+            raise ValueError(f"PTExperts holds the experts of {num_tracks} tracks but got {rows.shape[0]} tracks")
         # Expert e of track t becomes expert t*E + e of the folded dim; a track's tokens only ever pick its own.
         track_offset = torch.arange(num_tracks, device=top_k_index.device).view(-1, 1, 1) * num_experts
         experts = PTFoldedExperts(

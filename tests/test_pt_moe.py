@@ -126,6 +126,11 @@ def test_a_track_needs_only_its_own_weights():
         part = local(tracks[2:4], position_embeddings=position_embeddings)
     torch.testing.assert_close(part, full[2:4], atol=ATOL, rtol=0)
 
+    # experts left whole beside sliced routers would silently compute with other tracks' experts: it raises instead
+    local.mlp.experts.gate_up_proj.data = layer.mlp.experts.gate_up_proj.data
+    with pytest.raises(ValueError, match="experts of 4 tracks but got 2 tracks"):
+        local(tracks[2:4], position_embeddings=position_embeddings)
+
 
 def test_training_lowers_the_loss_with_the_aux_loss_and_uses_every_expert():
     """A few AdamW steps on a fixed batch of random tokens: the loss (cross-entropy + coef * load-balancing loss,
