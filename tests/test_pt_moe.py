@@ -13,6 +13,7 @@ from transformers import Qwen3MoeConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
+from conftest import tiny_config, tiny_model
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
@@ -20,28 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
 
 
-def tiny_moe_config(num_tracks: int, **overrides) -> PTConfig:
-    """AFM's layer pattern in miniature: sliding RoPE layers, a global NoPE layer, dense and sparse FFNs, QK-norm;
-    5 layers merged every 2, so the last block is shorter."""
-    fields = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=16, num_tracks=num_tracks, track_block_depth=2, initializer_range=0.1,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None, eos_token_id=None,
-        qk_norm=True, sliding_window=4, no_rope_layers=[1, 1, 1, 0, 1],
-        layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"],
-        mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-    )
-    return PTConfig(**{**fields, **overrides})
-
-
-def randomized(model: PTForCausalLM) -> PTForCausalLM:
-    """Norm weights away from 1, so that a norm applied to the wrong track or head would show."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.2 * torch.randn_like(param))
-    return model
+# AFM's layer pattern in miniature on the suite's tiny shape (5 layers merged every 2, so the last block is shorter):
+# sliding RoPE layers, a global NoPE layer, dense and sparse FFNs, QK-norm.
+AFM_OPTIONS = dict(
+    qk_norm=True, sliding_window=4, no_rope_layers=[1, 1, 1, 0, 1],
+    layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"],
+    mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+)
 
 
 def per_track_reference(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
@@ -91,11 +78,8 @@ def per_track_reference(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize("num_tracks, norm_topk_prob", [(2, True), (4, False)])
 def test_batched_pt_moe_equals_per_track_reference(num_tracks, norm_topk_prob):
-    torch.manual_seed(0)
-    config = tiny_moe_config(num_tracks, norm_topk_prob=norm_topk_prob)
-    config._attn_implementation = "eager"
-    model = randomized(PTForCausalLM(config).eval())
-    input_ids = torch.randint(0, config.vocab_size, (2, 11))
+    model = tiny_model(num_tracks=num_tracks, attn_implementation="eager", norm_topk_prob=norm_topk_prob, **AFM_OPTIONS)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 11))
     with torch.no_grad():
         expected = per_track_reference(model, input_ids)
         for experts_implementation in ("grouped_mm", "eager"):
@@ -107,19 +91,18 @@ def test_a_track_needs_only_its_own_weights():
     """Experts never leave their track: a sparse layer holding only tracks [2, 4) of every weight (what a rank that
     owns those tracks loads: dim 0 of every layer tensor is the track) computes exactly those tracks of the full
     layer. So the layer itself needs no collective; the merge stays the only one."""
-    torch.manual_seed(0)
-    model = randomized(PTForCausalLM(tiny_moe_config(4)).eval())
+    model = tiny_model(num_tracks=4, **AFM_OPTIONS)
     layer = model.model.layers[1]
     assert isinstance(layer.mlp, type(model.model.layers[3].mlp)) and hasattr(layer.mlp, "experts")
     assert all(param.shape[0] == 4 for param in layer.parameters())
-    assert tuple(layer.mlp.experts.gate_up_proj.shape) == (4, 4, 2 * 24, 64)
-    assert tuple(layer.mlp.experts.down_proj.shape) == (4, 4, 64, 24)
-    assert tuple(layer.mlp.gate.weight.shape) == (4, 4, 64)
+    assert tuple(layer.mlp.experts.gate_up_proj.shape) == (4, 4, 2 * 24, 32)
+    assert tuple(layer.mlp.experts.down_proj.shape) == (4, 4, 32, 24)
+    assert tuple(layer.mlp.gate.weight.shape) == (4, 4, 32)
 
     local = copy.deepcopy(layer)
     for param in local.parameters():
         param.data = param.data[2:4].clone()
-    tracks = torch.randn(4, 2, 7, 64)
+    tracks = torch.randn(4, 2, 7, 32)
     position_embeddings = model.model.rotary_emb(tracks, torch.arange(7)[None])
     with torch.no_grad():
         full = layer(tracks, position_embeddings=position_embeddings)
@@ -137,7 +120,7 @@ def test_training_lowers_the_loss_with_the_aux_loss_and_uses_every_expert():
     included whenever labels are given) falls, the routers get gradients, and every expert of every track receives
     tokens."""
     torch.manual_seed(0)
-    config = tiny_moe_config(2, router_aux_loss_coef=0.02)
+    config = tiny_config(num_tracks=2, router_aux_loss_coef=0.02, **AFM_OPTIONS)
     model = PTForCausalLM(config).train()
     batch = torch.randint(0, config.vocab_size, (8, 32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -204,9 +187,8 @@ def test_afm_pt_moe_parameter_counts():
 def test_pt_moe_loads_as_remote_code_without_the_package(tmp_path):
     """A saved PT-MoE loads through `AutoModelForCausalLM` with `trust_remote_code` in a process that cannot import
     this package (the modules saved beside the weights are all it has), and computes the same logits."""
-    torch.manual_seed(0)
-    model = PTForCausalLM(tiny_moe_config(2)).eval()
-    input_ids = torch.randint(0, 96, (1, 9))
+    model = tiny_model(num_tracks=2, **AFM_OPTIONS)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 9))
     model.save_pretrained(tmp_path)
     torch.save(input_ids, tmp_path / "input_ids.pt")
     script = (
@@ -240,10 +222,8 @@ def test_pt_moe_loads_as_remote_code_without_the_package(tmp_path):
     (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef"),
 ])
 def test_bad_layer_options_raise_naming_the_field(fields, named):
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, num_tracks=2)
     with pytest.raises(ValueError, match=rf"PTConfig\.{named}="):
-        PTConfig(**shape, **fields)
+        tiny_config(num_hidden_layers=2, **fields)
 
 
 def test_options_off_leave_the_dense_model_as_it_was():
