@@ -52,6 +52,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_ptt import PTConfig
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
+from .distributed_ptt import load_track_parallel, track_parallel_size
 
 
 # transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
@@ -399,6 +400,50 @@ class PTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        transformers' `from_pretrained`, plus track parallelism with transformers' own keywords: under `torchrun` or
+        `accelerate launch` with W processes, `distributed_config=DistributedConfig(tp_size=W)` (or `tp_size=W`, or
+        `tp_plan="auto"`) gives rank `r` the tracks `[r*n/W, (r+1)*n/W)`, read as slices of the checkpoint, and the
+        shared embedding, norm and head. W must divide `num_tracks`. `process_group_timeout` (seconds) bounds how
+        long a rank waits for a dead peer. See `distributed_ptt` for why this does not go through transformers'
+        DTensor tensor-parallel loader.
+        """
+        world_size = track_parallel_size(kwargs)
+        if world_size is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model_args:
+            raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
+        return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
+
+    def track_stacked_parameter_names(self) -> list[str]:
+        """Parameters whose dim 0 is the track: a rank holds only its slice of them."""
+        return [
+            f"{module_name}.{param_name}"
+            for module_name, module in self.named_modules()
+            if isinstance(module, (PTTrackLinear, PTRMSNorm))
+            for param_name, _ in module.named_parameters(recurse=False)
+        ]
+
+    def place_tracks(self, process_group: dist.ProcessGroup | None, num_local_tracks: int) -> None:
+        """Declare that this process holds `num_local_tracks` tracks and merges with the ranks of `process_group`."""
+        for module in self.modules():
+            if isinstance(module, PTTrackSync):
+                module.num_local_tracks = num_local_tracks
+                module.process_group = process_group
+
+    @property
+    def holds_all_tracks(self) -> bool:
+        """False after a track-parallel load with W > 1: this process holds `num_tracks / W` of the tracks."""
+        return all(sync.num_local_tracks == sync.num_tracks for sync in self.modules() if isinstance(sync, PTTrackSync))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not self.holds_all_tracks:
+            raise ValueError("This process holds only its own tracks (track-parallel load): saving them would write "
+                             "a partial checkpoint. Load the model in a single process to save it.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -27,6 +27,8 @@ from modeling_ptt import PTConfig, PTForCausalLM
 
 
 ROOT = Path(__file__).resolve().parent.parent
+# every module of the package is remote code: save_pretrained copies it beside the weights
+REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py") if path.name != "__init__.py"}
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -179,8 +181,7 @@ def assert_same_model(path: str, model: PTForCausalLM, tokenizer: PreTrainedToke
 def test_push_uploads_a_complete_remote_code_repo(hub, published):
     files = set(hub.api.list_repo_files(REPO, revision=published["commit_v1"]))
     assert files == {".gitattributes", "README.md", "config.json", "generation_config.json", "model.safetensors",
-                     "configuration_ptt.py", "modeling_ptt.py", "conversion_ptt.py", "tokenizer.json",
-                     "tokenizer_config.json", "train_log.jsonl", "benchmark.json"}
+                     "tokenizer.json", "tokenizer_config.json", "train_log.jsonl", "benchmark.json"} | REMOTE_CODE
     config = json.loads(Path(hub.api.hf_hub_download(REPO, "config.json", revision=published["commit_v1"],
                                                      cache_dir=hub.tmp / "inspect")).read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ptt.PTForCausalLM"
@@ -207,7 +208,7 @@ def test_pull_is_bit_identical_in_a_process_without_the_package(hub, published, 
     main, v1, dev, method = pulled["online"]
     for job in pulled["online"]:
         assert job["module"].startswith("transformers_modules."), job  # the repo's code, not an installed package
-        assert {"configuration_ptt.py", "modeling_ptt.py", "conversion_ptt.py"} <= set(job["files"])
+        assert REMOTE_CODE <= set(job["files"])
     assert main["commit"] == published["commit_v2"]
     assert v1["commit"] == published["commit_v1"]  # a pinned old revision gives the old weights
     assert dev["commit"] == published["commit_dev"]
@@ -219,8 +220,7 @@ def test_pull_is_bit_identical_in_a_process_without_the_package(hub, published, 
 
 def test_push_to_hub_method_gives_a_loadable_repo(hub, published, pulled):
     files = set(hub.api.list_repo_files(METHOD_REPO))
-    assert {"config.json", "model.safetensors", "configuration_ptt.py", "modeling_ptt.py",
-            "conversion_ptt.py"} <= files
+    assert {"config.json", "model.safetensors"} | REMOTE_CODE <= files
     assert_same_model(str(hub.tmp / "method.safetensors"), published["method"])
 
 
