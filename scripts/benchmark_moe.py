@@ -4,10 +4,11 @@
 The PT-MoE model has `--experts` experts of width `--expert-width` per track on every layer and uses `--top-k` of
 them per token; the dense PT model has the same tracks, attention and depth with a per-track FFN of width
 `top_k * expert_width`, so both run the same FFN parameters per token (the MoE adds only its routers). Both models run
-the same forward over a `batch x seq_len` prompt (prefill) and a few cached one-token steps (decode), alternating
-between the two models in every repeat; the script prints the median throughput of each and the ratio MoE / dense,
-by the wall clock and by the CPU time of the (single) compute thread, which a machine shared with other jobs inflates
-far less. Run with `OMP_NUM_THREADS=1` for the CPU-time figures to cover all the work.
+the same forward over a `batch x seq_len` prompt (prefill) and a few cached one-token steps (decode), the MoE once
+per experts implementation of transformers' experts interface (`--experts-implementations`), alternating between all
+of them in every repeat. The script prints the median throughput of each and the ratio MoE / dense, by the wall clock
+and by the CPU time of the (single) compute thread, which a machine shared with other jobs inflates far less. Run
+with `OMP_NUM_THREADS=1` for the CPU-time figures to cover all the work.
 
 The defaults are AFM PT-MoE's proportions (tamm 0.2.0) at a quarter of its width: attention width per track d/4,
 4 query and 4 KV heads per track, expert width 1.4375 d (2944 / 2048) and a dense FFN of top_k * expert_width.
@@ -36,10 +37,7 @@ def build(args, sparse: bool) -> PTForCausalLM:
         intermediate_size=n * args.top_k * args.expert_width, max_position_embeddings=args.seq_len + args.decode_steps,
         bos_token_id=None, eos_token_id=None, **(moe if sparse else {}),
     )
-    model = PTForCausalLM(config).to(args.dtype).eval()
-    if sparse:
-        model.set_experts_implementation(args.experts_implementation)
-    return model
+    return PTForCausalLM(config).to(args.dtype).eval()
 
 
 def active_parameters(model: PTForCausalLM) -> int:
@@ -90,24 +88,30 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"])
+    parser.add_argument("--experts-implementations", nargs="+", default=["grouped_mm", "eager"],
+                        choices=["grouped_mm", "batched_mm", "eager"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(0)
-    models = {"dense": build(args, sparse=False), "moe": build(args, sparse=True)}
+    dense, moe = build(args, sparse=False), build(args, sparse=True)
     input_ids = torch.randint(0, args.vocab_size, (args.batch, args.seq_len))
-    for name, model in models.items():
+    for name, model in (("dense", dense), ("moe", moe)):
         print(f"{name:5s}: {active_parameters(model):,} active of {sum(p.numel() for p in model.parameters()):,} "
               f"parameters")
     print(f"{args.num_tracks} tracks x {args.layers} layers, d={args.hidden_size}; MoE: top-{args.top_k} of "
-          f"{args.experts} experts of width {args.expert_width} per track ({args.experts_implementation}); dense: FFN "
-          f"width {args.top_k * args.expert_width} per track; {args.dtype}, {torch.get_num_threads()} threads")
+          f"{args.experts} experts of width {args.expert_width} per track; dense: FFN width "
+          f"{args.top_k * args.expert_width} per track; batch {args.batch} x {args.seq_len} tokens; {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
 
-    timings = {(name, phase): [] for name in models for phase in ("prefill", "decode")}
+    # (name, model, experts implementation); the MoE model switches implementation between its runs
+    variants = [("dense", dense, None)] + [(f"moe {impl}", moe, impl) for impl in args.experts_implementations]
+    timings = {(name, phase): [] for name, _, _ in variants for phase in ("prefill", "decode")}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
-        for name, model in models.items():
+        for name, model, experts_implementation in variants:
+            if experts_implementation is not None:
+                model.set_experts_implementation(experts_implementation)
             for phase, timing in (("prefill", prefill(model, input_ids)),
                                   ("decode", decode(model, input_ids, args.decode_steps))):
                 if repeat:
@@ -117,11 +121,15 @@ def main():
     for phase in ("prefill", "decode"):
         for clock in CLOCKS:
             throughput = {
-                name: tokens[phase] / statistics.median(t[clock] for t in timings[name, phase]) for name in models
+                name: tokens[phase] / statistics.median(t[clock] for t in timings[name, phase])
+                for name, _, _ in variants
             }
-            print(f"{phase:7s} ({clock:10s}): dense {throughput['dense']:8.0f} tok/s, moe {throughput['moe']:8.0f} "
-                  f"tok/s, ratio moe/dense {throughput['moe'] / throughput['dense']:.3f} (median of {args.repeats})")
-
+            moe_figures = ", ".join(
+                f"{name} {throughput[name]:6.0f} tok/s = {throughput[name] / throughput['dense']:.3f}x"
+                for name, _, _ in variants[1:]
+            )
+            print(f"{phase:7s} ({clock:10s}, median of {args.repeats}): dense {throughput['dense']:6.0f} tok/s; "
+                  f"{moe_figures}")
 
 if __name__ == "__main__":
     main()
