@@ -419,12 +419,13 @@ class PTPreTrainedModel(PreTrainedModel):
         return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
 
     def track_stacked_parameter_names(self) -> list[str]:
-        """Parameters whose dim 0 is the track: a rank holds only its slice of them."""
+        """Parameters whose dim 0 is the track, i.e. every parameter of a decoder layer (dense or sparse, norms
+        included): a rank holds only its slice of them."""
         return [
-            f"{module_name}.{param_name}"
-            for module_name, module in self.named_modules()
-            if isinstance(module, (PTTrackLinear, PTRMSNorm))
-            for param_name, _ in module.named_parameters(recurse=False)
+            f"{layer_name}.{param_name}"
+            for layer_name, layer in self.named_modules()
+            if isinstance(layer, PTDecoderLayer)
+            for param_name, _ in layer.named_parameters()
         ]
 
     def place_tracks(self, process_group: dist.ProcessGroup | None, num_local_tracks: int) -> None:
