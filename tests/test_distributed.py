@@ -33,6 +33,15 @@ VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L
 WORLD_SIZE = 2
 
 
+# PT-MoE with the AFM layer options: experts, QK-norm and NoPE must not add any collective
+AFM_OPTIONS = dict(
+    qk_norm=True, no_rope_layers=[1, 1, 1, 0, 1], sliding_window=6,
+    layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
+)
+MODELS = ("n2", "n4", "moe")
+
+
 def tiny_pt(num_tracks: int, seed: int = 0, **overrides) -> PTForCausalLM:
     torch.manual_seed(seed)
     config = PTConfig(**{
@@ -82,6 +91,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("track_parallel")
     tiny_pt(2, seed=2).save_pretrained(root / "n2")
     tiny_pt(4, seed=4).save_pretrained(root / "n4", max_shard_size="20KB")  # several files and an index
+    tiny_pt(2, seed=6, **AFM_OPTIONS).save_pretrained(root / "moe")
     input_ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(input_ids)
     input_ids[0, :3], attention_mask[0, :3] = 0, 0  # left padding
@@ -96,7 +106,7 @@ def ranks(checkpoints):
     out.mkdir()
     run_launcher(
         [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={WORLD_SIZE}", str(WORKER), "check",
-         "--models", str(checkpoints / "n2"), str(checkpoints / "n4"), "--inputs", str(checkpoints / "inputs.pt"),
+         "--models", *(str(checkpoints / name) for name in MODELS), "--inputs", str(checkpoints / "inputs.pt"),
          "--variants", json.dumps(VARIANTS), "--out", str(out)],
         child_env(),
     )
@@ -104,7 +114,7 @@ def ranks(checkpoints):
 
 
 def cases():
-    return [(name, index) for name in ("n2", "n4") for index in range(len(VARIANTS))]
+    return [(name, index) for name in MODELS for index in range(len(VARIANTS))]
 
 
 def reference(checkpoints, name: str, index: int) -> PTForCausalLM:
@@ -116,7 +126,7 @@ def observed(ranks, checkpoints, name, index):
     return [rank[f"{checkpoints / name}#{index}"] for rank in ranks]
 
 
-@pytest.mark.parametrize("name", ["n2", "n4"])
+@pytest.mark.parametrize("name", MODELS)
 def test_each_rank_holds_plain_tensors_of_its_own_tracks(ranks, checkpoints, name):
     full = reference(checkpoints, name, 0)
     per_rank = full.config.num_tracks // WORLD_SIZE
@@ -154,7 +164,7 @@ def test_the_collective_counter_sees_functional_and_c10d_collectives(ranks):
         assert rank["counter_self_check"] == {"_c10d_functional.all_reduce": 1, "c10d.allreduce_": 1}
 
 
-@pytest.mark.parametrize("name", ["n2", "n4"])
+@pytest.mark.parametrize("name", MODELS)
 def test_generate_adds_no_collective_beyond_the_merges(ranks, checkpoints, name):
     config = reference(checkpoints, name, 0).config
     for seen in observed(ranks, checkpoints, name, 0):
@@ -163,7 +173,7 @@ def test_generate_adds_no_collective_beyond_the_merges(ranks, checkpoints, name)
         assert seen["greedy_collectives"] == {"c10d.allreduce_": 6 * merges}
 
 
-@pytest.mark.parametrize("name", ["n2", "n4"])
+@pytest.mark.parametrize("name", MODELS)
 def test_generate_gives_the_single_process_tokens_on_every_rank(ranks, checkpoints, inputs_of, name):
     model = reference(checkpoints, name, 0)
     kwargs = dict(**inputs_of, max_new_tokens=6)
