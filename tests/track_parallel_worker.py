@@ -10,7 +10,6 @@ a single-process run.
 """
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -20,26 +19,15 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DistributedConfig, LogitsProcessor, LogitsProcessorList, set_seed
 
 
-NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Every collective op that reaches the dispatcher: `c10d` (torch.distributed.*) and `_c10d_functional`."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            name = func.__name__.split(".")[0]
-            if name not in NOT_COLLECTIVES:
-                self.ops[f"{func.namespace}.{name}"] += 1
-        return func(*args, **(kwargs or {}))
+def collective_counter():
+    """The package's `CollectiveCounter` (it sees c10d and functional collectives), taken from the remote code the
+    models were loaded with: this worker imports nothing from the repository."""
+    module = next(module for name, module in sys.modules.items()
+                  if name.startswith("transformers_modules.") and name.endswith(".distributed_ptt"))
+    return module.CollectiveCounter()
 
 
 def cache_of(output):
@@ -56,7 +44,7 @@ def counter_sees_functional_collectives() -> dict:
     """The counter's own check: a functional collective (what DTensor code issues) is counted too."""
     import torch.distributed._functional_collectives as functional
 
-    with CollectiveCounter() as counter:
+    with collective_counter() as counter:
         functional.wait_tensor(functional.all_reduce(torch.ones(2), "sum", dist.group.WORLD))
         dist.all_reduce(torch.ones(2))
     return dict(counter.ops)
@@ -78,10 +66,10 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
             "q_proj_0": model.model.layers[0].self_attn.q_proj.weight.detach().clone(),
             "embed": model.model.embed_tokens.weight.detach().clone(),
         }
-        with torch.no_grad(), CollectiveCounter() as counter:
+        with torch.no_grad(), collective_counter() as counter:
             result["logits"] = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_no_grad"] = dict(counter.ops)
-        with CollectiveCounter() as counter:  # the autograd-aware merge
+        with collective_counter() as counter:  # the autograd-aware merge
             logits = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_grad"] = dict(counter.ops)
         result["logits_grad"] = logits.detach()
@@ -89,7 +77,7 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         if index == 0:  # generation is the same for every variant; once is enough
             forwards = count_forward_calls(model)
             generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6)
-            with CollectiveCounter() as counter:
+            with collective_counter() as counter:
                 result["greedy"] = model.generate(**generate, do_sample=False)
             result["greedy_collectives"] = dict(counter.ops)
             result["greedy_forwards"] = len(forwards)
