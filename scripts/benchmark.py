@@ -180,12 +180,9 @@ def llama_config(args) -> LlamaConfig:
 def moe_config(args, dense: PTConfig) -> PTConfig:
     """The dense PT config with every layer sparse: per track, `args.experts` experts of width I/k (I: the dense FFN
     width per track, k: `args.experts_per_tok`), so the k experts a token uses hold the dense FFN's parameters."""
-    width, top_k = dense.intermediate_size_per_track, args.experts_per_tok
-    if width % top_k:
-        raise SystemExit(f"--experts-per-tok {top_k} must divide the FFN width per track {width} (intermediate_size "
-                         f"{dense.intermediate_size} / {dense.num_tracks} tracks): the experts a token uses add up to it")
+    top_k = args.experts_per_tok  # divides the width: parse_args checked it
     return PTConfig.from_dict({**dense.to_dict(), "num_experts": args.experts, "num_experts_per_tok": top_k,
-                               "moe_intermediate_size": width // top_k,
+                               "moe_intermediate_size": dense.intermediate_size_per_track // top_k,
                                "mlp_layer_types": ["sparse"] * dense.num_hidden_layers})
 
 
@@ -625,6 +622,17 @@ def environment(world: World) -> dict:
     return info
 
 
+def describe_moe(moe: dict | None) -> list[str]:
+    """The table's note on what pt_moe ran (none without pt_moe)."""
+    if not moe:
+        return []
+    return ["", f"pt_moe: every layer sparse, top-{moe['experts_per_tok']} of {moe['experts']} experts of width "
+            f"{moe['moe_intermediate_size']} per track (the dense FFN width per track / k), merged every "
+            f"{moe['track_block_depth']} layers, experts implementation {moe['experts_implementation']}; "
+            f"{moe['active_parameters_per_rank']:,} active parameters per rank against the dense PT model's "
+            f"{moe['dense_parameters_per_rank']:,} (the difference: the routers)."]
+
+
 def write_table(report: dict) -> str:
     model, workload, env = report["model"], report["workload"], report["environment"]
     lines = [
@@ -637,13 +645,7 @@ def write_table(report: dict) -> str:
         f"{workload['repeats']} repeats after {workload['warmup']} warm-up, medians [p10-p90]; "
         f"{workload['cache']} cache{', torch.compile' if workload['compile'] else ''}; load average "
         f"{env['load_average_1min_before']:.1f} -> {env['load_average_1min']:.1f} on {env['cpu_count']} CPUs.",
-        *([] if not model["moe"] else [
-            "", f"pt_moe: every layer sparse, top-{model['moe']['experts_per_tok']} of {model['moe']['experts']} experts "
-            f"of width {model['moe']['moe_intermediate_size']} per track (the dense FFN width per track / k), merged "
-            f"every {model['moe']['track_block_depth']} layers, experts implementation "
-            f"{model['moe']['experts_implementation']}; {model['moe']['active_parameters_per_rank']:,} active "
-            f"parameters per rank against the dense PT model's {model['moe']['dense_parameters_per_rank']:,} (the "
-            "difference: the routers)."]),
+        *describe_moe(model["moe"]),
         "",
         "| variant | merges/forward (counted) | TTFT ms | TTFT / TP | TPOT ms | TPOT / TP | throughput tok/s | "
         "tput / TP | peak mem/rank MiB |",
@@ -793,9 +795,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 2 (one prefill token, then decode steps)")
     if any(depth < 1 for depth in args.depths):
         parser.error("--depths must be positive")
-    if args.experts is not None and args.moe_depth not in args.depths:
-        parser.error(f"--moe-depth {args.moe_depth} must be one of --depths {args.depths}: pt_moe is compared to "
-                     f"pt_D{args.moe_depth}")
+    # checked here, on every rank, rather than when rank 0 builds the model while the others wait for it
+    if args.experts is not None:
+        if args.experts < 1:
+            parser.error("--experts must be positive")
+        if args.moe_depth not in args.depths:
+            parser.error(f"--moe-depth {args.moe_depth} must be one of --depths {args.depths}: pt_moe is compared to "
+                         f"pt_D{args.moe_depth}")
+        if not 1 <= args.experts_per_tok <= args.experts:
+            parser.error(f"--experts-per-tok {args.experts_per_tok} must be between 1 and --experts {args.experts}")
+        width = args.intermediate_size // args.num_tracks
+        if width % args.experts_per_tok:
+            parser.error(f"--experts-per-tok {args.experts_per_tok} must divide the FFN width per track {width} "
+                         f"(--intermediate-size / --num-tracks): the k experts a token uses make up that width")
     return args
 
 
