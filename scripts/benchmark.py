@@ -15,7 +15,7 @@ pt_moe is the dense PT model with every FFN replaced by E experts per track of w
 the dense PT model, so both have the same ACTIVE parameter count but for the routers (n * E * d per layer, the only
 extra). Its weights are drawn from the seed (a PT-MoE has no dense counterpart to convert) and, under a launcher,
 saved by rank 0 and loaded by every rank as its tracks' slices, as the PT model is. It is merged at the same D as
-pt_D{--moe-depth}, pt_D8 by default, and the report gives pt_moe / pt_D8 for TTFT, TPOT and throughput; the issue's
+pt_D{--moe-depth}, pt_D8 by default, and the report gives pt_moe / pt_D{D} for TTFT, TPOT and throughput; the issue's
 target is a throughput of at least 0.9x (so latencies of at most 1/0.9 = 1.11x). --experts-implementation picks
 transformers' experts kernel (eager, batched_mm, grouped_mm; default: transformers' own default).
 
@@ -181,9 +181,11 @@ def moe_config(args, dense: PTConfig) -> PTConfig:
     """The dense PT config with every layer sparse: per track, `args.experts` experts of width I/k (I: the dense FFN
     width per track, k: `args.experts_per_tok`), so the k experts a token uses hold the dense FFN's parameters."""
     top_k = args.experts_per_tok  # divides the width: parse_args checked it
-    return PTConfig.from_dict({**dense.to_dict(), "num_experts": args.experts, "num_experts_per_tok": top_k,
-                               "moe_intermediate_size": dense.intermediate_size_per_track // top_k,
-                               "mlp_layer_types": ["sparse"] * dense.num_hidden_layers})
+    config = PTConfig.from_dict({**dense.to_dict(), "num_experts": args.experts, "num_experts_per_tok": top_k,
+                                 "moe_intermediate_size": dense.intermediate_size_per_track // top_k,
+                                 "mlp_layer_types": ["sparse"] * dense.num_hidden_layers})
+    config._attn_implementation = dense._attn_implementation  # not in to_dict(); the same attention kernel as PT's
+    return config
 
 
 def seeded_moe(args, dense: PTConfig) -> PTForCausalLM:
