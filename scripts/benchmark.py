@@ -8,6 +8,16 @@ variant runs the same weights with the same parameter count; a variant only chan
     pt_D1 ... pt_D8      PT, merged every D layers: ceil(L/D) merges
     no_sync_bound        PT merged only after the last layer (D = L): PT's compute alone, the limit no D beats
     transformers_llama   the dense Llama, with transformers' own TP under a launcher (DistributedConfig(tp_size=W))
+    pt_moe               with --experts E only: PT-MoE, every layer sparse, merged every --moe-depth layers (8)
+
+pt_moe is the dense PT model with every FFN replaced by E experts per track of which each token uses the top k
+(--experts-per-tok, 2), each of width `intermediate_size_per_track // k`: a token runs as many FFN parameters as in
+the dense PT model, so both have the same ACTIVE parameter count but for the routers (n * E * d per layer, the only
+extra). Its weights are drawn from the seed (a PT-MoE has no dense counterpart to convert) and, under a launcher,
+saved by rank 0 and loaded by every rank as its tracks' slices, as the PT model is. It is merged at the same D as
+pt_D{--moe-depth}, pt_D8 by default, and the report gives pt_moe / pt_D{D} for TTFT, TPOT and throughput; the issue's
+target is a throughput of at least 0.9x (so latencies of at most 1/0.9 = 1.11x). --experts-implementation picks
+transformers' experts kernel (eager, batched_mm, grouped_mm; default: transformers' own default).
 
 With W ranks (`torchrun --nproc-per-node W`, or `accelerate launch`) every rank holds n/W tracks and a merge is one
 all_reduce; the Llama runs transformers' DTensor tensor parallelism. A request is a prefill of P tokens at batch B
@@ -17,6 +27,7 @@ every repeat, so a drift of the machine hits them all alike; ratios are taken wi
 
     python scripts/benchmark.py --quick                                    # seconds: the CI smoke test
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 scripts/benchmark.py --out results/w2
+    python scripts/benchmark.py --experts 8 --variants pt_D8 pt_moe            # PT-MoE against dense PT, one device
     python scripts/benchmark.py --num-tracks 8 --kv-heads 8 --out results/w1
     python scripts/benchmark.py --device cuda --dtype bfloat16 --cache static --compile ...   (see gpu_check.sh)
 
@@ -48,7 +59,7 @@ from tqdm.auto import tqdm
 from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from modeling_ptt import PTForCausalLM
+from modeling_ptt import PTConfig, PTForCausalLM
 from modeling_ptt.distributed_ptt import CollectiveCounter
 from modeling_ptt.modeling_ptt import CACHE_FIELD
 
@@ -58,46 +69,51 @@ SCHEMA = "modeling_ptt/benchmark/1"
 # --quick: a tiny model and workload for the CI smoke test; flags given explicitly still win.
 QUICK = dict(layers=4, hidden_size=64, intermediate_size=128, heads=4, kv_heads=2, vocab_size=128, num_tracks=2,
              batch=1, prompt_len=8, new_tokens=4, throughput_batch=2, warmup=1, repeats=2)
+# pt_moe's throughput must be at least this share of the dense PT model's at the same D (issue 7)
+MOE_THROUGHPUT_TARGET = 0.9
 # Relative error of the logits (max |a - b| / max |b|) tolerated between two computations of the same function.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """What is measured: the PT weights under one merge schedule, or the dense Llama."""
+    """What is measured: the PT weights (or the PT-MoE model) under one merge schedule, or the dense Llama."""
 
     name: str
-    model: str  # "pt" | "llama"
+    model: str  # "pt" | "pt_moe" | "llama"
     sync_mode: str | None = None
     track_block_depth: int | None = None
 
     def expected_merges(self, layers: int) -> int | None:
         """All-reduces of one PT forward when the tracks sit on several ranks (None for the Llama)."""
-        if self.model != "pt":
+        if self.model == "llama":
             return None
         return 2 * layers if self.sync_mode == "tensor_parallel" else math.ceil(layers / self.track_block_depth)
 
 
-def plan_variants(depths: list[int], layers: int, selected: list[str] | None) -> list[Variant]:
+def plan_variants(depths: list[int], layers: int, selected: list[str] | None, moe_depth: int | None) -> list[Variant]:
+    """Every variant, or the `selected` ones; pt_moe only with a `moe_depth` (that is, when --experts is given)."""
     variants = [
         Variant("tensor_parallel", "pt", "tensor_parallel", 1),
         *(Variant(f"pt_D{depth}", "pt", "track_block", depth) for depth in depths),
         Variant("no_sync_bound", "pt", "track_block", layers),
         Variant("transformers_llama", "llama"),
+        *([Variant("pt_moe", "pt_moe", "track_block", moe_depth)] if moe_depth else []),
     ]
     if selected is None:
         return variants
     known = {variant.name: variant for variant in variants}
     unknown = [name for name in selected if name not in known]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(known)} (pt_D* follow --depths)")
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(known)} (pt_D* follow --depths, "
+                         "pt_moe needs --experts)")
     return [known[name] for name in selected]
 
 
 @contextlib.contextmanager
 def merge_schedule(model: torch.nn.Module, variant: Variant):
     """Run the PT model under the variant's merge schedule: the forward reads these two config fields each call."""
-    if variant.model != "pt":
+    if variant.model == "llama":
         yield
         return
     config = model.config
@@ -161,19 +177,41 @@ def llama_config(args) -> LlamaConfig:
     return config
 
 
-def build_models(args, world: World, variants: list[Variant]) -> dict[str, torch.nn.Module]:
-    """`{"pt": ..., "llama": ...}`: a seeded dense Llama and its exact track layout, the same weights both ways.
+def moe_config(args, dense: PTConfig) -> PTConfig:
+    """The dense PT config with every layer sparse: per track, `args.experts` experts of width I/k (I: the dense FFN
+    width per track, k: `args.experts_per_tok`), so the k experts a token uses hold the dense FFN's parameters."""
+    top_k = args.experts_per_tok  # divides the width: parse_args checked it
+    config = PTConfig.from_dict({**dense.to_dict(), "num_experts": args.experts, "num_experts_per_tok": top_k,
+                                 "moe_intermediate_size": dense.intermediate_size_per_track // top_k,
+                                 "mlp_layer_types": ["sparse"] * dense.num_hidden_layers})
+    config._attn_implementation = dense._attn_implementation  # not in to_dict(); the same attention kernel as PT's
+    return config
 
-    One process builds them in place. Under a launcher rank 0 saves both, and every rank loads its share the way a
-    user would: PT reads its tracks' slices (`distributed_config`), the Llama goes through transformers' own TP.
+
+def seeded_moe(args, dense: PTConfig) -> PTForCausalLM:
+    torch.manual_seed(args.seed)
+    return PTForCausalLM(moe_config(args, dense))
+
+
+def build_models(args, world: World, variants: list[Variant]) -> dict[str, torch.nn.Module]:
+    """`{"pt": ..., "llama": ...}`: a seeded dense Llama and its exact track layout, the same weights both ways, and
+    `"pt_moe"` (seeded) when a variant runs it.
+
+    One process builds them in place. Under a launcher rank 0 saves them, and every rank loads its share the way a
+    user would: PT and PT-MoE read their tracks' slices (`distributed_config`), the Llama goes through transformers'
+    own TP.
     """
     dtype = getattr(torch, args.dtype)
+    sparse = any(variant.model == "pt_moe" for variant in variants)
     if world.size == 1:
         with torch.device(world.device):
             torch.manual_seed(args.seed)
             llama = LlamaForCausalLM(llama_config(args)).to(dtype)
             pt = PTForCausalLM.from_llama(llama, args.num_tracks)
-        return {"pt": pt.eval(), "llama": llama.eval()}
+            models = {"pt": pt.eval(), "llama": llama.eval()}
+            if sparse:
+                models["pt_moe"] = seeded_moe(args, pt.config).to(dtype).eval()
+        return with_experts_implementation(args, models)
 
     # every rank reads rank 0's files: one machine, or a --workdir that all machines share
     workdir = world.gather(tempfile.mkdtemp(prefix="ptt-benchmark-", dir=args.workdir) if world.rank == 0 else None)[0]
@@ -181,17 +219,28 @@ def build_models(args, world: World, variants: list[Variant]) -> dict[str, torch
         torch.manual_seed(args.seed)
         llama = LlamaForCausalLM(llama_config(args))
         llama.save_pretrained(f"{workdir}/llama")
-        PTForCausalLM.from_llama(llama, args.num_tracks).save_pretrained(f"{workdir}/pt")
-        del llama
+        pt = PTForCausalLM.from_llama(llama, args.num_tracks)
+        pt.save_pretrained(f"{workdir}/pt")
+        if sparse:
+            seeded_moe(args, pt.config).save_pretrained(f"{workdir}/pt_moe")
+        del llama, pt
     world.barrier()
     parallel = dict(distributed_config=DistributedConfig(tp_size=world.size), dtype=dtype,
                     attn_implementation=args.attn_implementation)
     models = {"pt": PTForCausalLM.from_pretrained(f"{workdir}/pt", **parallel).eval()}
     if any(variant.model == "llama" for variant in variants):
         models["llama"] = LlamaForCausalLM.from_pretrained(f"{workdir}/llama", **parallel).eval()
+    if sparse:
+        models["pt_moe"] = PTForCausalLM.from_pretrained(f"{workdir}/pt_moe", **parallel).eval()
     world.barrier()
     if world.rank == 0:
         shutil.rmtree(workdir, ignore_errors=True)
+    return with_experts_implementation(args, models)
+
+
+def with_experts_implementation(args, models: dict) -> dict:
+    if "pt_moe" in models and args.experts_implementation:
+        models["pt_moe"].set_experts_implementation(args.experts_implementation)
     return models
 
 
@@ -479,13 +528,18 @@ def check(name: str, value: torch.Tensor, reference: torch.Tensor, dtype: str) -
 
 
 def ratios_and_targets(rows: list[dict], world_size: int) -> tuple[dict, list[dict]]:
-    """Ratios against tensor_parallel, the bound and the Llama (medians of this run), and the issue's targets."""
+    """Ratios against tensor_parallel, the bound, the Llama and, for pt_moe, the dense PT at its D (medians of this
+    run), and the issues' targets."""
     by_name = {row["name"]: row for row in rows}
 
     def ratio(name, baseline, metric):
         if name not in by_name or baseline not in by_name:
             return None
         return by_name[name][f"{metric}_ms"]["median"] / by_name[baseline][f"{metric}_ms"]["median"]
+
+    def throughput_ratio(name, baseline):
+        throughputs = [(by_name.get(key) or {}).get("throughput_tokens_per_s") for key in (name, baseline)]
+        return throughputs[0]["median"] / throughputs[1]["median"] if all(throughputs) else None
 
     for row in rows:
         row["ttft_vs_tensor_parallel"] = ratio(row["name"], "tensor_parallel", "ttft")
@@ -510,10 +564,16 @@ def ratios_and_targets(rows: list[dict], world_size: int) -> tuple[dict, list[di
     for metric in ("ttft", "tpot"):  # a speed-up: >= 1.0 means PT is at least as fast as transformers' Llama
         targets.append((f"{metric.upper()} transformers_llama / {deepest}", ratio("transformers_llama", deepest,
                                                                                   metric), 1.0, True))
-    throughputs = [(by_name.get(name) or {}).get("throughput_tokens_per_s") for name in (deepest, "transformers_llama")]
-    if all(throughputs):
-        speed_up = throughputs[0]["median"] / throughputs[1]["median"]
+    speed_up = throughput_ratio(deepest, "transformers_llama")
+    if speed_up is not None:
         targets.append((f"throughput {deepest} / transformers_llama", speed_up, 1.0, True))
+    if "pt_moe" in by_name:  # against the dense PT model with the same active parameters, merged at the same D
+        dense = f"pt_D{by_name['pt_moe']['track_block_depth']}"
+        for metric in ("ttft", "tpot"):
+            targets.append((f"pt_moe {metric.upper()} / {dense}", ratio("pt_moe", dense, metric),
+                            1 / MOE_THROUGHPUT_TARGET, False))
+        targets.append((f"throughput pt_moe / {dense}", throughput_ratio("pt_moe", dense), MOE_THROUGHPUT_TARGET,
+                        True))
     targets = [
         dict(name=name, value=value, target=f"{'>=' if at_least else '<='} {limit:.2f}",
              met=None if value is None else (value >= limit if at_least else value <= limit))
@@ -564,6 +624,17 @@ def environment(world: World) -> dict:
     return info
 
 
+def describe_moe(moe: dict | None) -> list[str]:
+    """The table's note on what pt_moe ran (none without pt_moe)."""
+    if not moe:
+        return []
+    return ["", f"pt_moe: every layer sparse, top-{moe['experts_per_tok']} of {moe['experts']} experts of width "
+            f"{moe['moe_intermediate_size']} per track (the dense FFN width per track / k), merged every "
+            f"{moe['track_block_depth']} layers, experts implementation {moe['experts_implementation']}; "
+            f"{moe['active_parameters_per_rank']:,} active parameters per rank against the dense PT model's "
+            f"{moe['dense_parameters_per_rank']:,} (the difference: the routers)."]
+
+
 def write_table(report: dict) -> str:
     model, workload, env = report["model"], report["workload"], report["environment"]
     lines = [
@@ -576,6 +647,7 @@ def write_table(report: dict) -> str:
         f"{workload['repeats']} repeats after {workload['warmup']} warm-up, medians [p10-p90]; "
         f"{workload['cache']} cache{', torch.compile' if workload['compile'] else ''}; load average "
         f"{env['load_average_1min_before']:.1f} -> {env['load_average_1min']:.1f} on {env['cpu_count']} CPUs.",
+        *describe_moe(model["moe"]),
         "",
         "| variant | merges/forward (counted) | TTFT ms | TTFT / TP | TPOT ms | TPOT / TP | throughput tok/s | "
         "tput / TP | peak mem/rank MiB |",
@@ -645,6 +717,10 @@ def plot(report: dict, path: Path):
             axis.errorbar(depths, medians, yerr=[low, high], marker="o", capsize=3, label="PT (median, p10–p90)")
             axis.set_xscale("log", base=2)
             axis.set_xticks(depths, [str(d) for d in depths])
+        if "pt_moe" in by_name:
+            row = by_name["pt_moe"]
+            axis.plot([row["track_block_depth"]], [row[f"{metric}_ms"]["median"]], "s", color="tab:green",
+                      label="PT-MoE, same active parameters")
         for name, style, label in (("tensor_parallel", "--", "tensor parallel (PT weights)"),
                                    ("no_sync_bound", ":", "no-sync bound (D = L)"),
                                    ("transformers_llama", "-.", "transformers Llama (its TP)")):
@@ -678,6 +754,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     work = parser.add_argument_group("workload")
     work.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8], help="PT track block depths D")
     work.add_argument("--variants", nargs="+", help="a subset of the variant names (default: all)")
+    moe = parser.add_argument_group("PT-MoE (the pt_moe variant, run only when --experts is given)")
+    moe.add_argument("--experts", type=int, default=None, help="E: experts per track, every layer sparse")
+    moe.add_argument("--experts-per-tok", type=int, default=2, help="k: experts a token uses (of its track's E)")
+    moe.add_argument("--moe-depth", type=int, default=8, help="D of pt_moe and of the dense pt_D it is compared to")
+    moe.add_argument("--experts-implementation", default=None, choices=["eager", "batched_mm", "grouped_mm"],
+                     help="transformers' experts kernel (default: transformers' default)")
     work.add_argument("--batch", type=int, default=1, help="batch of the TTFT/TPOT requests")
     work.add_argument("--prompt-len", type=int, default=128, help="P: prompt tokens of the prefill")
     work.add_argument("--new-tokens", type=int, default=32, help="T: tokens generated per request (T-1 decode steps)")
@@ -715,13 +797,42 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 2 (one prefill token, then decode steps)")
     if any(depth < 1 for depth in args.depths):
         parser.error("--depths must be positive")
+    # checked here, on every rank, rather than when rank 0 builds the model while the others wait for it
+    if args.experts is not None:
+        if args.experts < 1:
+            parser.error("--experts must be positive")
+        if args.moe_depth not in args.depths:
+            parser.error(f"--moe-depth {args.moe_depth} must be one of --depths {args.depths}: pt_moe is compared to "
+                         f"pt_D{args.moe_depth}")
+        if not 1 <= args.experts_per_tok <= args.experts:
+            parser.error(f"--experts-per-tok {args.experts_per_tok} must be between 1 and --experts {args.experts}")
+        width = args.intermediate_size // args.num_tracks
+        if width % args.experts_per_tok:
+            parser.error(f"--experts-per-tok {args.experts_per_tok} must divide the FFN width per track {width} "
+                         f"(--intermediate-size / --num-tracks): the k experts a token uses make up that width")
     return args
+
+
+def moe_summary(args, models: dict) -> dict | None:
+    """What pt_moe ran, and its active parameters against the dense PT model's, on this rank (tracks split over the
+    ranks, embedding and head on every one)."""
+    if "pt_moe" not in models:
+        return None
+    moe = models["pt_moe"]
+    config = moe.config
+    experts = sum(p.numel() for name, p in moe.named_parameters() if ".experts." in name)
+    unused = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    return dict(experts=config.num_experts, experts_per_tok=config.num_experts_per_tok,
+                moe_intermediate_size=config.moe_intermediate_size, track_block_depth=args.moe_depth,
+                experts_implementation=config._experts_implementation,
+                active_parameters_per_rank=sum(p.numel() for p in moe.parameters()) - unused,
+                dense_parameters_per_rank=sum(p.numel() for p in models["pt"].parameters()))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     world = start_world(args.device)
-    variants = plan_variants(args.depths, args.layers, args.variants)
+    variants = plan_variants(args.depths, args.layers, args.variants, args.moe_depth if args.experts else None)
     models = build_models(args, world, variants)
     load_before = os.getloadavg()[0]
     all_reduce = bare_all_reduce(args, world)
@@ -736,7 +847,8 @@ def main(argv=None) -> int:
         "environment": {**environment(world), "load_average_1min_before": load_before},
         "model": dict(layers=args.layers, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                       heads=args.heads, kv_heads=args.kv_heads, vocab_size=args.vocab_size,
-                      num_tracks=args.num_tracks, dtype=args.dtype, attn_implementation=args.attn_implementation),
+                      num_tracks=args.num_tracks, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                      moe=moe_summary(args, models)),
         "workload": dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          throughput_batch=args.throughput_batch, warmup=args.warmup, repeats=args.repeats,
                          depths=args.depths, cache=args.cache, compile=args.compile,

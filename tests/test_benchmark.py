@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py --quick: one process and 2 gloo ranks under torchrun.
+"""Smoke test of scripts/benchmark.py --quick --experts 4 (all variants, pt_moe included): one process and 2 gloo
+ranks under torchrun.
 
 It checks what the benchmark reports (the JSON schema, the collectives it counted per forward, the output check, the
 files), never the timings: those belong to the benchmark's own output, taken on a quiet machine.
@@ -18,7 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
 TIMEOUT_S = 60  # hard limit per run: a hang fails instead of stalling CI (each takes 10-25 s on 2 busy cores)
 LAYERS = 4  # --quick's shape
-VARIANTS = ["tensor_parallel", "pt_D1", "pt_D2", "pt_D4", "pt_D8", "no_sync_bound", "transformers_llama"]
+EXPERTS, TOP_K = 4, 2  # per track; pt_moe is merged at D = 8 (--moe-depth's default), as pt_D8
+# the experts kernel: transformers' default in one process (grouped_mm where it can dispatch, else eager), chosen
+# with --experts-implementation on 2 ranks
+EXPERTS_IMPLEMENTATION = {1: None, 2: "eager"}
+VARIANTS = ["tensor_parallel", "pt_D1", "pt_D2", "pt_D4", "pt_D8", "no_sync_bound", "transformers_llama", "pt_moe"]
 LATENCY_KEYS = {"median", "p10", "p90", "min", "max", "n"}
 
 
@@ -30,7 +35,9 @@ def run_quick(tmp_path: Path, world_size: int) -> dict:
     prefix = tmp_path / f"w{world_size}"
     launcher = [sys.executable] if world_size == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={world_size}"]
-    command = [*launcher, str(BENCHMARK), "--quick", "--profile", "--out", str(prefix)]
+    command = [*launcher, str(BENCHMARK), "--quick", "--experts", str(EXPERTS), "--profile", "--out", str(prefix)]
+    if EXPERTS_IMPLEMENTATION[world_size]:
+        command += ["--experts-implementation", EXPERTS_IMPLEMENTATION[world_size]]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as hang:
@@ -98,6 +105,8 @@ def test_collectives_per_forward(report):
                 assert counted == {"c10d.allreduce_": merges} == {"c10d.allreduce_": row["expected_merges"]}, name
     if world_size > 1:
         assert rows["no_sync_bound"]["collectives"]["prefill"] == {"c10d.allreduce_": 1}
+    # the experts of a track sit on its rank: routing adds no collective to the dense PT model's ceil(L/D) merges
+    assert rows["pt_moe"]["collectives"] == rows["pt_D8"]["collectives"]
 
 
 def test_each_rank_holds_its_share_of_the_weights(report):
@@ -105,11 +114,33 @@ def test_each_rank_holds_its_share_of_the_weights(report):
     d, ffn, layers, n = model["hidden_size"], model["intermediate_size"], model["layers"], model["num_tracks"]
     kv_width = model["kv_heads"] * d // model["heads"]
     shared = 2 * model["vocab_size"] * d + d  # embedding, LM head, final norm: on every rank
-    tracks = layers * (2 * d * d + 2 * d * kv_width + 3 * d * ffn + 2 * n * d)  # split over the ranks
+    attention_and_norms = 2 * d * d + 2 * d * kv_width + 2 * n * d
+    tracks = layers * (attention_and_norms + 3 * d * ffn)  # split over the ranks
+    # pt_moe: per track E experts of width (ffn / n) / k and a router [E, d]
+    moe_tracks = layers * (attention_and_norms + n * EXPERTS * (3 * d * ffn // n // TOP_K + d))
     rows = {row["name"]: row for row in report["variants"]}
     for name, row in rows.items():
         if name != "transformers_llama":
-            assert row["weight_bytes_per_rank"] == [4 * (shared + tracks // world_size)] * world_size, name
+            expected = moe_tracks if name == "pt_moe" else tracks
+            assert row["weight_bytes_per_rank"] == [4 * (shared + expected // world_size)] * world_size, name
     dense = 4 * (shared + tracks - 2 * (n - 1) * layers * d)  # the Llama has one norm vector per layer and kind
     llama = rows["transformers_llama"]["weight_bytes_per_rank"]
     assert llama == [dense] if world_size == 1 else max(llama) < dense, "transformers' TP shards the Llama"
+
+
+def test_pt_moe_has_the_dense_models_active_parameters_and_its_ratios(report):
+    model, world_size = report["model"], report["environment"]["world_size"]
+    moe = model["moe"]
+    assert (moe["experts"], moe["experts_per_tok"], moe["track_block_depth"]) == (EXPERTS, TOP_K, 8)
+    assert moe["moe_intermediate_size"] * TOP_K == model["intermediate_size"] // model["num_tracks"]
+    chosen = EXPERTS_IMPLEMENTATION[world_size]
+    assert moe["experts_implementation"] in ((chosen,) if chosen else ("grouped_mm", "eager"))
+    routers = model["layers"] * model["num_tracks"] * EXPERTS * model["hidden_size"] // world_size
+    assert moe["active_parameters_per_rank"] - moe["dense_parameters_per_rank"] == routers
+    targets = {target["name"]: target for target in report["targets"]}
+    for name in ("pt_moe TTFT / pt_D8", "pt_moe TPOT / pt_D8", "throughput pt_moe / pt_D8"):
+        assert targets[name]["value"] > 0 and targets[name]["met"] in (True, False), name
+    rows = {row["name"]: row for row in report["variants"]}
+    ttft = rows["pt_moe"]["ttft_ms"]["median"] / rows["pt_D8"]["ttft_ms"]["median"]
+    assert targets["pt_moe TTFT / pt_D8"]["value"] == pytest.approx(ttft)
+    assert targets["throughput pt_moe / pt_D8"]["target"] == ">= 0.90"
