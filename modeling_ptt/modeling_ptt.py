@@ -95,9 +95,11 @@ class PTRMSNorm(nn.Module):
         input_dtype = tracks.dtype
         tracks = tracks.to(torch.float32)
         variance = tracks.pow(2).mean(-1, keepdim=True)
-        tracks = tracks * torch.rsqrt(variance + self.variance_epsilon)
+        normalized = (tracks * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
         weight = self.weight.view(self.weight.shape[0], *([1] * (tracks.dim() - 2)), -1)
-        return weight * tracks.to(input_dtype)
+        # in place: the tracks make this n times the dense model's elementwise work, and a fresh n*B*S*d buffer
+        # per op costs as much as the op on CPU
+        return normalized.mul_(weight)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -383,10 +385,11 @@ class PTDecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             **kwargs,
         )
-        tracks = tracks + attn_output
+        # residual adds in place into the sublayer's fresh output (see PTRMSNorm.forward)
+        tracks = attn_output.add_(tracks)
         if sync_attention is not None:  # tensor-parallel mode also merges between attention and FFN
             tracks = sync_attention(tracks)
-        return tracks + self.mlp(self.post_attention_layernorm(tracks))
+        return self.mlp(self.post_attention_layernorm(tracks)).add_(tracks)
 
 
 class PTPreTrainedModel(PreTrainedModel):
