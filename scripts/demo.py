@@ -30,7 +30,8 @@ def train_demo_model(output_dir: str, max_steps: int) -> dict:
     print(f"== training a PT model on the Shakespeare plays ({max_steps} steps, {torch.get_num_threads()} threads)")
     summary = train.train(train.parse_args([
         "--output-dir", output_dir, "--max-steps", str(max_steps), "--num-tracks", "4", "--track-block-depth", "2",
-        "--eval-every", str(max(max_steps // 5, 1)), "--log-every", "10", "--warmup-steps", str(max(max_steps // 20, 1)),
+        "--eval-every", str(max(max_steps // 5, 1)), "--log-every", "10",
+        "--warmup-steps", str(max(max_steps // 20, 1)),
     ]))
     print(f"validation perplexity: {summary['val_ppl_before']:.1f} before training -> {summary['val_ppl']:.1f} after "
           f"{summary['training_tokens']:,} tokens (unigram baseline {summary['unigram_ppl']:.1f}); "

@@ -28,7 +28,7 @@ METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 def lm_eval_command(model_dir: Path, include_path: Path, output_path: Path, max_length: int, limit: int | None,
                     batch_size: int) -> list[str]:
     model_args = f"pretrained={model_dir},trust_remote_code=True,max_length={max_length}"
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
                "--include_path", str(include_path), "--tasks", "shakespeare_ppl", "--device", "cpu",
                "--batch_size", str(batch_size), "--output_path", str(output_path)]
     return command + (["--limit", str(limit)] if limit else [])
@@ -70,7 +70,7 @@ def evaluate(model_dir: Path, data: Path | None = None, max_length: int | None =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="a save_pretrained directory written by scripts/train.py")
-    parser.add_argument("--data", type=Path, help="held-out jsonl with a 'text' field (default: MODEL_DIR/validation.jsonl)")
+    parser.add_argument("--data", type=Path, help="jsonl with a 'text' field (default: MODEL_DIR/validation.jsonl)")
     parser.add_argument("--max-length", type=int, help="context window (default: the block size it was trained on)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N documents")
     parser.add_argument("--batch-size", type=int, default=1)

