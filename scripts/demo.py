@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer steps (CI)")
     parser.add_argument("--output-dir", default=str(SCRIPTS.parent / "outputs" / "demo"))
-    parser.add_argument("--max-steps", type=int, help="default: 1200, or 150 with --quick")
+    parser.add_argument("--max-steps", type=int, help="default: 1000, or 150 with --quick")
     parser.add_argument("--reload-only", action="store_true", help="only reload OUTPUT_DIR and generate")
     args = parser.parse_args(argv)
     if args.reload_only:
         return reload_and_generate(args.output_dir)
 
     started = time.perf_counter()
-    summary = train_demo_model(args.output_dir, args.max_steps or (150 if args.quick else 1200))
+    summary = train_demo_model(args.output_dir, args.max_steps or (150 if args.quick else 1000))
     subprocess.run([sys.executable, __file__, "--reload-only", "--output-dir", args.output_dir], check=True)
     print(f"demo wall time {time.perf_counter() - started:.0f} s")
     if not summary["val_ppl"] < summary["unigram_ppl"]:
