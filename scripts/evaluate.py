@@ -26,16 +26,16 @@ METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def lm_eval_command(model_dir: Path, include_path: Path, output_path: Path, max_length: int, limit: int | None,
-                    batch_size: int) -> list[str]:
+                    batch_size: int, device: str) -> list[str]:
     model_args = f"pretrained={model_dir},trust_remote_code=True,max_length={max_length}"
     command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
-               "--include_path", str(include_path), "--tasks", "shakespeare_ppl", "--device", "cpu",
+               "--include_path", str(include_path), "--tasks", "shakespeare_ppl", "--device", device,
                "--batch_size", str(batch_size), "--output_path", str(output_path)]
     return command + (["--limit", str(limit)] if limit else [])
 
 
 def evaluate(model_dir: Path, data: Path | None = None, max_length: int | None = None, limit: int | None = None,
-             batch_size: int = 1) -> dict:
+             batch_size: int = 1, device: str = "cpu") -> dict:
     """Run lm-eval on `model_dir`; returns {metric: value} for the shakespeare_ppl task."""
     model_dir = model_dir.resolve()
     data = (data or model_dir / "validation.jsonl").resolve()
@@ -56,7 +56,7 @@ def evaluate(model_dir: Path, data: Path | None = None, max_length: int | None =
         include_path, output_path = Path(tmp, "tasks"), Path(tmp, "results")
         include_path.mkdir()
         (include_path / TASK_YAML.name).write_text(yaml.safe_dump(task, sort_keys=False))
-        command = lm_eval_command(model_dir, include_path, output_path, max_length, limit, batch_size)
+        command = lm_eval_command(model_dir, include_path, output_path, max_length, limit, batch_size, device)
         print("$", " ".join(command), flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         subprocess.run(command, check=True, env=env)
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, help="context window (default: the block size it was trained on)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N documents")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="what lm-eval runs the model on (cpu, cuda, ...)")
     args = parser.parse_args(argv)
-    metrics = evaluate(args.model_dir, args.data, args.max_length, args.limit, args.batch_size)
+    metrics = evaluate(args.model_dir, args.data, args.max_length, args.limit, args.batch_size, args.device)
     print(json.dumps(metrics, indent=2))
 
 

@@ -1,5 +1,6 @@
 """scripts/evaluate.py: lm-eval's hf client on a saved PT model, offline, against the model's own log-likelihood."""
 
+import importlib.util
 import json
 import math
 import sys
@@ -13,8 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra (make test installs it)")
+# by path and under another name: lm-eval's stack installs a package called `evaluate`
+spec = importlib.util.spec_from_file_location("ptt_evaluate", ROOT / "scripts" / "evaluate.py")
+evaluate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate)
 
-import evaluate  # noqa: E402
 import train  # noqa: E402
 from test_training import TINY, corpus  # noqa: E402, F401  (the fixture)
 
