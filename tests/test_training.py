@@ -121,7 +121,8 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     # which makes every process use gloo (`--cpu` alone would start one process)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
     ddp = tmp_path / "ddp"
     subprocess.run([*launch, str(ROOT / "scripts" / "train.py"), *common, "--output-dir", str(ddp),
                     "--batch-size", "2"], env=env, check=True, timeout=180)
