@@ -147,3 +147,15 @@ def test_demo_quick(tmp_path):
     assert "2 (PT, D=2) vs 8 (tensor parallelism" in result.stdout
     records = train.read_log(tmp_path / "demo" / train.LOG_NAME)
     assert records[-1]["val_ppl"] < records[0]["val_ppl"] / 5
+
+
+def test_datasets_dataset_as_data(corpus, tmp_path):
+    """A 🤗 datasets dataset (here a saved directory) trains like the same text given as files."""
+    datasets = pytest.importorskip("datasets")
+    texts = [path.read_text(encoding="utf-8") for path in sorted(corpus.glob("*.txt"))]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
+    args = ["--max-steps", "2", "--eval-blocks", "4"]
+    from_dataset = train.train(train.parse_args(["--dataset", str(tmp_path / "dataset"), "--output-dir",
+                                                 str(tmp_path / "a"), *TINY, *args]))
+    from_files = run_train(corpus, tmp_path / "b", *args)
+    assert from_dataset["val_loss"] == from_files["val_loss"]
