@@ -87,15 +87,15 @@ def write_table(rows: list[dict], path: Path, args) -> None:
         f"Validation loss (nats/token, the first {args.eval_blocks or 'all'} held-out blocks) after "
         f"{args.max_steps} steps x {args.batch_size} x {args.block_size} tokens; mean ± sample std over seeds.",
         "",
-        "| model | n | D | syncs/forward | parameters | val loss | val ppl | per seed | wall s/run |",
+        "| model | n | D | syncs/forward | parameters | val loss | val ppl | per seed | wall s/run (shared CPU) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spread = "" if math.isnan(row["std"]) else f" ± {row['std']:.3f}"
         seeds = ", ".join(f"{loss:.3f}" for loss in row["losses"])
         lines.append(
-            f"| {row['label']} | {row['num_tracks']} | {row['depth']} | {row['sync_points']} | {row['parameters']:,} "
-            f"| {row['mean']:.3f}{spread} | {math.exp(row['mean']):.1f} | {seeds} | {row['wall_s']:.0f} |"
+            f"| {row['label']} | {row['num_tracks']} | {row['depth'] or '-'} | {row['sync_points']} "
+            f"| {row['parameters']:,} | {row['mean']:.3f}{spread} | {math.exp(row['mean']):.1f} | {seeds} | {row['wall_s']:.0f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=150)
     parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored (0: all)")
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--report-only", action="store_true", help="rewrite table and plot from results.jsonl")
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir)
@@ -157,7 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = configurations(args.num_tracks, args.depths)
     labels = [label for label, _ in runs]
 
-    for seed in args.seeds:
+    def report() -> None:
+        rows = summarise(train.read_log(results_path), labels)
+        write_table(rows, output_dir / "quality_table.md", args)
+        plot(rows, output_dir / "quality_vs_depth.png", args.depths)
+
+    for seed in [] if args.report_only else args.seeds:
         for label, overrides in runs:
             results = train.read_log(results_path)
             if any(r["label"] == label and r["seed"] == seed for r in results):
@@ -172,9 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             with open(results_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(f"{label} seed {seed}: val loss {summary['val_loss']:.4f} ({summary['wall_s']:.0f} s)", flush=True)
-            rows = summarise(train.read_log(results_path), labels)
-            write_table(rows, output_dir / "quality_table.md", args)
-            plot(rows, output_dir / "quality_vs_depth.png", args.depths)
+            report()
+    report()
 
 
 if __name__ == "__main__":
