@@ -95,7 +95,8 @@ def write_table(rows: list[dict], path: Path, args) -> None:
         seeds = ", ".join(f"{loss:.3f}" for loss in row["losses"])
         lines.append(
             f"| {row['label']} | {row['num_tracks']} | {row['depth'] or '-'} | {row['sync_points']} "
-            f"| {row['parameters']:,} | {row['mean']:.3f}{spread} | {math.exp(row['mean']):.1f} | {seeds} | {row['wall_s']:.0f} |"
+            f"| {row['parameters']:,} | {row['mean']:.3f}{spread} | {math.exp(row['mean']):.1f} | {seeds} "
+            f"| {row['wall_s']:.0f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
