@@ -119,6 +119,8 @@ def plot(rows: list[dict], path: Path, depths: list[int]) -> None:
         for r in rows:
             if r["label"] == f"tensor_parallel n={n}":
                 ax.axhline(r["mean"], color=color, linestyle="--", label=f"tensor_parallel n={n} (dense maths)")
+                if not math.isnan(r["std"]):
+                    ax.axhspan(r["mean"] - r["std"], r["mean"] + r["std"], color=color, alpha=0.1)
     for r in rows:
         if r["num_tracks"] == 1:
             ax.axhline(r["mean"], color=next(colors), linestyle=":", label=r["label"])
