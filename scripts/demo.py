@@ -44,7 +44,8 @@ def reload_and_generate(model_dir: str) -> None:
     """Runs in a fresh process that never imports `modeling_ptt`: the model's class comes from the code saved beside
     its weights, as on a machine that never installed this package."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # loading by path: never ask the Hub
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # transformers 5.x reads the model's config to pick a tokenizer: with remote code, that also needs the consent
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     print(f"\n== reloaded through AutoModelForCausalLM(trust_remote_code=True) as {type(model).__module__}."
           f"{type(model).__name__}")
