@@ -1,6 +1,5 @@
 """scripts/train.py: bad data, exact resume, atomic checkpoints, the saved model, DDP under accelerate, the demo."""
 
-import json
 import os
 import socket
 import subprocess
