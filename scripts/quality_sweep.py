@@ -61,6 +61,17 @@ def build_tokenizer(output_dir: Path, args) -> Path:
     return tokenizer_dir
 
 
+def paired_difference(runs: list[dict], results: list[dict], baseline: str) -> tuple[float, float] | None:
+    """Mean and sample std over seeds of (run - baseline run of the same seed). With the same seed a PT model and its
+    tensor_parallel baseline start from the same weights and see the same blocks in the same order, so the
+    difference removes the seed noise they share."""
+    base = {r["seed"]: r["val_loss"] for r in results if r["label"] == baseline}
+    diffs = [r["val_loss"] - base[r["seed"]] for r in runs if r["seed"] in base]
+    if not diffs:
+        return None
+    return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+
+
 def summarise(results: list[dict], labels: list[str]) -> list[dict]:
     rows = []
     for label in labels:
@@ -68,6 +79,7 @@ def summarise(results: list[dict], labels: list[str]) -> list[dict]:
         if not runs:
             continue
         losses = [r["val_loss"] for r in runs]
+        is_pt = label.startswith("PT")
         rows.append({
             "label": label,
             "num_tracks": runs[0]["num_tracks"],
@@ -78,6 +90,9 @@ def summarise(results: list[dict], labels: list[str]) -> list[dict]:
             "std": statistics.stdev(losses) if len(losses) > 1 else float("nan"),
             "losses": losses,
             "wall_s": statistics.fmean(r["wall_s"] for r in runs),
+            "vs_tensor_parallel": (
+                paired_difference(runs, results, f"tensor_parallel n={runs[0]['num_tracks']}") if is_pt else None
+            ),
         })
     return rows
 
@@ -87,15 +102,24 @@ def write_table(rows: list[dict], path: Path, args) -> None:
         f"Validation loss (nats/token, the first {args.eval_blocks or 'all'} held-out blocks) after "
         f"{args.max_steps} steps x {args.batch_size} x {args.block_size} tokens; mean ± sample std over seeds.",
         "",
-        "| model | n | D | syncs/forward | parameters | val loss | val ppl | per seed | wall s/run (shared CPU) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Δ vs tensor_parallel: the PT model minus the tensor_parallel model of the same n and seed (same initial "
+        "weights, same data order), mean ± sample std over seeds.",
+        "",
+        "| model | n | D | syncs/forward | parameters | val loss | Δ vs tensor_parallel | val ppl | per seed "
+        "| wall s/run (shared CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def mean_std(mean: float, std: float) -> str:
+        return f"{mean:+.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
     for row in rows:
         spread = "" if math.isnan(row["std"]) else f" ± {row['std']:.3f}"
+        paired = mean_std(*row["vs_tensor_parallel"]) if row["vs_tensor_parallel"] else "-"
         seeds = ", ".join(f"{loss:.3f}" for loss in row["losses"])
         lines.append(
             f"| {row['label']} | {row['num_tracks']} | {row['depth'] or '-'} | {row['sync_points']} "
-            f"| {row['parameters']:,} | {row['mean']:.3f}{spread} | {math.exp(row['mean']):.1f} | {seeds} "
+            f"| {row['parameters']:,} | {row['mean']:.3f}{spread} | {paired} | {math.exp(row['mean']):.1f} | {seeds} "
             f"| {row['wall_s']:.0f} |"
         )
     path.write_text("\n".join(lines) + "\n")
