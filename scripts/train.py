@@ -362,9 +362,20 @@ def train(args) -> dict:
     if args.mixed_precision is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.mixed_precision = "bf16" if bf16 else "no"
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        # accelerate's torchrun launcher on a machine without GPUs: data parallel over gloo on the CPU (without
+        # cpu=True every process would believe it trains alone)
+        cpu=launched_processes > 1 and not has_accelerator,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    if accelerator.num_processes != launched_processes:
+        raise RuntimeError(
+            f"launched as {launched_processes} processes (WORLD_SIZE) but accelerate runs "
+            f"{accelerator.num_processes}: every process would train its own model"
+        )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)

@@ -116,9 +116,9 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     the same 4 blocks per step (the sampler gives process r the r-th half of the single process's batch)."""
     common = ["--data", str(corpus), *TINY, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
               "--eval-blocks", "4"]
-    # accelerate's way to several CPU processes: its multi-process launcher (torchrun) with ACCELERATE_USE_CPU,
-    # which makes every process use gloo (`--cpu` alone would start one process)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    # accelerate's multi-process launcher is torchrun (`--cpu` alone would start one process); without GPUs
+    # train.py runs the processes on the CPU over gloo
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
