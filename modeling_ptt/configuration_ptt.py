@@ -6,6 +6,8 @@ from transformers import PreTrainedConfig
 
 
 SYNC_MODES = ("track_block", "tensor_parallel")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_LAYER_TYPES = ("dense", "sparse")
 AUTO_MAP = {
     "AutoConfig": "configuration_ptt.PTConfig",
     "AutoModel": "modeling_ptt.PTModel",
@@ -32,6 +34,37 @@ class PTConfig(PreTrainedConfig):
             `"track_block"` merges every `track_block_depth` layers (PT). `"tensor_parallel"` merges after every
             attention and every FFN sublayer, which is exactly a dense Llama run with tensor parallelism: the
             baseline PT is measured against, and the layout [`PTForCausalLM.from_llama`] converts to.
+
+    Layer options of Apple's AFM 2025 PT-MoE, named and meant as in transformers' Mistral, Qwen3, SmolLM3 and Mixtral
+    configs. All are off by default, which is the plain PT model:
+
+        layer_types (`list[str]`, *optional*):
+            `"full_attention"` or `"sliding_attention"` per layer. Defaults to sliding attention on every layer when
+            `sliding_window` is set (as Mistral), else full attention everywhere.
+        sliding_window (`int`, *optional*):
+            Tokens a sliding-attention layer sees, the current one included (transformers' convention: Mistral,
+            Qwen3). Required when a layer is `"sliding_attention"`.
+        no_rope_layers (`list[int]`, *optional*):
+            As in `SmolLM3Config`: a `1` at index `l` means layer `l` uses RoPE, a `0` makes it a NoPE layer (no
+            position encoding, as AFM's global layers). Defaults to RoPE on every layer.
+        qk_norm (`bool`, defaults to `False`):
+            RMSNorm over the head dim of every query and key head before RoPE (as Qwen3), weights per track.
+        mlp_layer_types (`list[str]`, *optional*):
+            `"dense"` (SwiGLU of width `intermediate_size / num_tracks`) or `"sparse"` (per-track mixture of experts)
+            per layer. Defaults to sparse on every layer when `num_experts` is set (as Mixtral), else dense everywhere.
+        num_experts (`int`, *optional*):
+            Experts PER TRACK in a sparse layer. A track routes its tokens among its own experts only, so experts never
+            leave their track and a distributed forward needs no extra collective.
+        num_experts_per_tok (`int`, defaults to 2):
+            Experts (top-k) a token uses in a sparse layer, all of its own track.
+        moe_intermediate_size (`int`, *optional*):
+            SwiGLU width of one expert. Required when a layer is `"sparse"`.
+        norm_topk_prob (`bool`, defaults to `True`):
+            Renormalise the top-k routing probabilities to sum to 1 (Mixtral and AFM do).
+        router_aux_loss_coef (`float`, defaults to 0.001):
+            Weight of the load-balancing loss added to the LM loss whenever labels are given.
+        output_router_logits (`bool`, defaults to `False`):
+            Return the routers' logits (one `[n, batch * seq_len, num_experts]` tensor per sparse layer).
 
     Derived, read-only: `num_attention_heads_per_track`, `num_key_value_heads_per_track`,
     `intermediate_size_per_track`, `num_sync_points` (merges per forward).
@@ -72,11 +105,24 @@ class PTConfig(PreTrainedConfig):
     num_tracks: int = 8
     track_block_depth: int = 8
     sync_mode: str = "track_block"
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    no_rope_layers: list[int] | None = None
+    qk_norm: bool = False
+    mlp_layer_types: list[str] | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self._validate_track_layout()
+        self._set_layer_type_defaults()
+        self._validate_layer_options()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -84,11 +130,13 @@ class PTConfig(PreTrainedConfig):
             # every Auto class a user may load a saved PT model with, not only the one it was saved from
             self.auto_map = dict(AUTO_MAP)
 
+    def _fail(self, field: str, why: str):
+        raise ValueError(f"PTConfig.{field}={getattr(self, field)!r}: {why}")
+
     def _validate_track_layout(self):
         """Raise early, naming the field, for every shape a PT model cannot have."""
 
-        def fail(field, why):
-            raise ValueError(f"PTConfig.{field}={getattr(self, field)!r}: {why}")
+        fail = self._fail
 
         for field in ("num_tracks", "track_block_depth", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "hidden_size", "intermediate_size", "vocab_size"):
@@ -109,6 +157,50 @@ class PTConfig(PreTrainedConfig):
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             fail("hidden_size",
                  f"must be divisible by num_attention_heads={self.num_attention_heads} when head_dim is not set")
+
+    def _set_layer_type_defaults(self):
+        """Spell out the per-layer lists, as transformers' configs do, so that layer `l` simply reads entry `l`."""
+        num_layers = self.num_hidden_layers
+        if self.layer_types is None:
+            attention = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [attention] * num_layers
+        if self.no_rope_layers is None:
+            self.no_rope_layers = [1] * num_layers
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["sparse" if self.num_experts is not None else "dense"] * num_layers
+
+    def _validate_layer_options(self):
+        """Raise early, naming the field, for every layer option that cannot work."""
+
+        fail = self._fail
+
+        def positive_int(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        for field, allowed in (("layer_types", ATTENTION_LAYER_TYPES), ("no_rope_layers", (0, 1)),
+                               ("mlp_layer_types", MLP_LAYER_TYPES)):
+            value = getattr(self, field)
+            if not isinstance(value, (list, tuple)) or len(value) != self.num_hidden_layers:
+                fail(field, f"must be a list of num_hidden_layers={self.num_hidden_layers} entries")
+            if any(entry not in allowed for entry in value):
+                fail(field, f"every entry must be one of {allowed}")
+        if self.sliding_window is not None and not positive_int(self.sliding_window):
+            fail("sliding_window", "must be a positive integer or None")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            fail("sliding_window", "must be set when layer_types has a 'sliding_attention' layer")
+        if not isinstance(self.qk_norm, bool):
+            fail("qk_norm", "must be True or False")
+        coef = self.router_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+            fail("router_aux_loss_coef", "must be a number >= 0")
+
+        if "sparse" not in self.mlp_layer_types and self.num_experts is None:
+            return
+        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if not positive_int(getattr(self, field)):
+                fail(field, "must be a positive integer when mlp_layer_types has a 'sparse' layer")
+        if self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", f"must be at most num_experts={self.num_experts} (the experts of one track)")
 
     @property
     def num_attention_heads_per_track(self) -> int:

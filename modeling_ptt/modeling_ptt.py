@@ -15,9 +15,14 @@ tracks are merged by the mean of their residual streams:
 Weights are stacked with the track as dim 0 (`q_proj.weight` is `[n, H/n * head_dim, d]`), so on one device all
 tracks of a layer are a single batched matmul, and a rank that owns tracks `[a, b)` holds the slice `[a:b]`.
 The one-device and the distributed forward are the same code: only `PTTrackSync.merge` adds an all_reduce.
+
+The options of Apple's AFM 2025 PT-MoE keep that shape: QK-norm and sliding-window / NoPE attention change a layer's
+attention only, and a sparse layer's experts belong to one track each (`gate_up_proj` is `[n, E, 2I, d]`), so a
+token never leaves its track and the merge stays the only communication.
 """
 
 from collections.abc import Callable
+from functools import wraps
 
 import torch
 import torch.distributed as dist
@@ -26,9 +31,15 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -36,14 +47,18 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import can_return_tuple
 
 from .configuration_ptt import PTConfig
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
+from .distributed_ptt import load_track_parallel, track_parallel_size
 
 
 # transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers' own mask for each attention layer type of `config.layer_types`
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class PTTrackLinear(nn.Module):
@@ -134,6 +149,135 @@ class PTMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(tracks)) * self.up_proj(tracks))
 
 
+class PTTopKRouter(PTTrackLinear):
+    """Every track's router over its own `num_experts` experts (`weight` is `[n, E, d]`): softmax, then top-k."""
+
+    def __init__(self, config: PTConfig):
+        super().__init__(config.num_tracks, config.hidden_size, config.num_experts)
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[n, N, d]` -> router logits `[n, N, E]`, top-k weights and top-k expert indices `[n, N, k]`."""
+        router_logits = super().forward(rows)
+        router_probs = nn.functional.softmax(router_logits, dim=-1, dtype=torch.float)
+        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
+
+
+@use_experts_implementation
+class PTFoldedExperts:
+    """All tracks' experts as ONE expert dim of `n*E` (views of `PTExperts`' weights), in the 3D layout of
+    transformers' experts interface, which runs them as one grouped matmul (`config._experts_implementation`:
+    `grouped_mm` by default, `batched_mm`, ...). `forward` below is the `"eager"` reference loop."""
+
+    def __init__(self, config: PTConfig, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Callable):
+        self.num_experts = gate_up_proj.shape[0]
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        output = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_output = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            output.index_add_(0, token, (expert_output * top_k_weights[token, slot, None]).to(output.dtype))
+        return output
+
+
+class PTExperts(nn.Module):
+    """`num_experts` SwiGLU experts per track, in Mixtral's layout with the track first: `gate_up_proj` is
+    `[n, E, 2I, d]` (gate rows, then up rows), `down_proj` is `[n, E, d, I]`."""
+
+    def __init__(self, config: PTConfig):
+        super().__init__()
+        n, d, width = config.num_tracks, config.hidden_size, config.moe_intermediate_size
+        self.config = config
+        self.gate_up_proj = nn.Parameter(torch.empty(n, config.num_experts, 2 * width, d))
+        self.down_proj = nn.Parameter(torch.empty(n, config.num_experts, d, width))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, rows: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """`rows` `[n, N, d]`, the top-k of each track's router `[n, N, k]` -> `[n, N, d]`."""
+        num_tracks, num_experts = self.gate_up_proj.shape[:2]
+        if rows.shape[0] != num_tracks:  # e.g. a rank that holds only its tracks' rows but every track's experts
+            raise ValueError(f"PTExperts holds the experts of {num_tracks} tracks but got {rows.shape[0]} tracks")
+        # Expert e of track t becomes expert t*E + e of the folded dim; a track's tokens only ever pick its own.
+        track_offset = torch.arange(num_tracks, device=top_k_index.device).view(-1, 1, 1) * num_experts
+        experts = PTFoldedExperts(
+            self.config, self.gate_up_proj.flatten(0, 1), self.down_proj.flatten(0, 1), self.act_fn
+        )
+        output = experts.forward(
+            rows.flatten(0, 1), (top_k_index + track_offset).flatten(0, 1), top_k_weights.flatten(0, 1)
+        )
+        return output.view_as(rows)
+
+
+class PTSparseMoeBlock(nn.Module):
+    """Per-track mixture of experts: every track routes its tokens to `num_experts_per_tok` of its OWN experts."""
+
+    def __init__(self, config: PTConfig):
+        super().__init__()
+        self.gate = PTTopKRouter(config)
+        self.experts = PTExperts(config)
+
+    def forward(self, tracks: torch.Tensor) -> torch.Tensor:
+        rows = tracks.reshape(tracks.shape[0], -1, tracks.shape[-1])
+        _, top_k_weights, top_k_index = self.gate(rows)
+        return self.experts(rows, top_k_index, top_k_weights).view_as(tracks)
+
+
+def with_router_logits(forward: Callable) -> Callable:
+    """Give a model's forward Mixtral's `output_router_logits`: a model with sparse layers returns a
+    `MoeModelOutputWithPast` whose `router_logits`, when asked for, are the logits of every `PTTopKRouter` in call
+    order, recorded by forward hooks that live for this call only (as transformers' `capture_outputs` does)."""
+
+    @wraps(forward)
+    def forward_with_router_logits(self, *args, output_router_logits: bool | None = None, **kwargs):
+        if not self.has_sparse_layers:
+            return forward(self, *args, **kwargs)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = []
+
+        def record(router, args, output):  # a router returns (logits, top-k weights, top-k indices)
+            router_logits.append(output[0])
+
+        routers = [module for module in self.modules() if isinstance(module, PTTopKRouter)]
+        hooks = [router.register_forward_hook(record) for router in routers] if output_router_logits else []
+        try:
+            outputs = forward(self, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return MoeModelOutputWithPast(**outputs, router_logits=tuple(router_logits) if output_router_logits else None)
+
+    return forward_with_router_logits
+
+
+def pt_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mixtral's load-balancing loss of each track's routing among its own experts, averaged over the tracks.
+
+    `router_logits` holds one `[n, batch * seq_len, num_experts]` tensor per sparse layer; `attention_mask` is the 2D
+    padding mask (its last `seq_len` columns are used, so it may also cover cached tokens).
+    """
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -(router_logits[0].shape[1] // attention_mask.shape[0]) :]
+    per_track = [
+        load_balancing_loss_func(tuple(layer[track] for layer in router_logits), num_experts, top_k, attention_mask)
+        for track in range(router_logits[0].shape[0])
+    ]
+    return torch.stack(per_track).mean()
+
+
 class PTAttention(nn.Module):
     """Causal GQA self-attention of all local tracks in ONE call of the configured attention function.
 
@@ -151,6 +295,8 @@ class PTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        self.use_rope = bool(config.no_rope_layers[layer_idx])
 
         n, d, bias = config.num_tracks, config.hidden_size, config.attention_bias
         q_width = config.num_attention_heads_per_track * self.head_dim
@@ -159,6 +305,9 @@ class PTAttention(nn.Module):
         self.k_proj = PTTrackLinear(n, d, kv_width, bias=bias)
         self.v_proj = PTTrackLinear(n, d, kv_width, bias=bias)
         self.o_proj = PTTrackLinear(n, q_width, d, bias=bias)
+        # QK-norm (Qwen3, AFM): RMSNorm of every query and key head over the head dim, weights per track
+        self.q_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -170,16 +319,19 @@ class PTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_tracks, batch, seq_len, _ = tracks.shape
 
-        def tracks_to_heads(states: torch.Tensor) -> torch.Tensor:  # [n, B, S, h*hd] -> [B, n*h, S, hd]
-            states = states.view(num_tracks, batch, seq_len, -1, self.head_dim)
-            return states.permute(1, 0, 3, 2, 4).flatten(1, 2)
+        def tracks_to_heads(states: torch.Tensor, norm: PTRMSNorm | None = None) -> torch.Tensor:
+            states = states.view(num_tracks, batch, seq_len, -1, self.head_dim)  # [n, B, S, h*hd] -> [n, B, S, h, hd]
+            if norm is not None:
+                states = norm(states)
+            return states.permute(1, 0, 3, 2, 4).flatten(1, 2)  # -> [B, n*h, S, hd]
 
-        query = tracks_to_heads(self.q_proj(tracks))
-        key = tracks_to_heads(self.k_proj(tracks))
+        query = tracks_to_heads(self.q_proj(tracks), self.q_norm)
+        key = tracks_to_heads(self.k_proj(tracks), self.k_norm)
         value = tracks_to_heads(self.v_proj(tracks))
 
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if self.use_rope:  # NoPE layers attend without any position encoding
+            cos, sin = position_embeddings
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -195,6 +347,7 @@ class PTAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            sliding_window=self.sliding_window,  # for kernels that take the window as an argument (flash)
             **kwargs,
         )
         # [B, S, n*h, hd] -> [n, B, S, h*hd]
@@ -203,12 +356,14 @@ class PTAttention(nn.Module):
 
 
 class PTDecoderLayer(GradientCheckpointingLayer):
-    """Layer `l` of every track: pre-norm attention and pre-norm SwiGLU FFN, each with a residual add."""
+    """Layer `l` of every track: pre-norm attention and pre-norm FFN (dense SwiGLU or the track's own experts), each
+    with a residual add."""
 
     def __init__(self, config: PTConfig, layer_idx: int):
         super().__init__()
+        self.attention_type = config.layer_types[layer_idx]
         self.self_attn = PTAttention(config, layer_idx)
-        self.mlp = PTMLP(config)
+        self.mlp = PTSparseMoeBlock(config) if config.mlp_layer_types[layer_idx] == "sparse" else PTMLP(config)
         self.input_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
 
@@ -246,6 +401,51 @@ class PTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        transformers' `from_pretrained`, plus track parallelism with transformers' own keywords: under `torchrun` or
+        `accelerate launch` with W processes, `distributed_config=DistributedConfig(tp_size=W)` (or `tp_size=W`, or
+        `tp_plan="auto"`) gives rank `r` the tracks `[r*n/W, (r+1)*n/W)`, read as slices of the checkpoint, and the
+        shared embedding, norm and head. W must divide `num_tracks`. `process_group_timeout` (seconds) bounds how
+        long a rank waits for a dead peer. See `distributed_ptt` for why this does not go through transformers'
+        DTensor tensor-parallel loader.
+        """
+        world_size = track_parallel_size(kwargs)
+        if world_size is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model_args:
+            raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
+        return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
+
+    def track_stacked_parameter_names(self) -> list[str]:
+        """Parameters whose dim 0 is the track, i.e. every parameter of a decoder layer (dense or sparse, norms
+        included): a rank holds only its slice of them."""
+        return [
+            f"{layer_name}.{param_name}"
+            for layer_name, layer in self.named_modules()
+            if isinstance(layer, PTDecoderLayer)
+            for param_name, _ in layer.named_parameters()
+        ]
+
+    def place_tracks(self, process_group: dist.ProcessGroup | None, num_local_tracks: int) -> None:
+        """Declare that this process holds `num_local_tracks` tracks and merges with the ranks of `process_group`."""
+        for module in self.modules():
+            if isinstance(module, PTTrackSync):
+                module.num_local_tracks = num_local_tracks
+                module.process_group = process_group
+
+    @property
+    def holds_all_tracks(self) -> bool:
+        """False after a track-parallel load with W > 1: this process holds `num_tracks / W` of the tracks."""
+        return all(sync.num_local_tracks == sync.num_tracks for sync in self.modules() if isinstance(sync, PTTrackSync))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not self.holds_all_tracks:
+            raise ValueError("This process holds only its own tracks (track-parallel load): saving them would write "
+                             "a partial checkpoint. Load the model in a single process to save it.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -253,6 +453,9 @@ class PTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, PTExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
 
 
 class PTModel(PTPreTrainedModel):
@@ -267,6 +470,7 @@ class PTModel(PTPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.track_sync = PTTrackSync(config.num_tracks)
+        self.has_sparse_layers = "sparse" in config.mlp_layer_types
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -276,6 +480,7 @@ class PTModel(PTPreTrainedModel):
         sync_after = [i + 1 for i in range(self.config.num_hidden_layers) if self.config.is_sync_layer(i)]
         return [self.layers[start:end] for start, end in zip([0] + sync_after[:-1], sync_after)]
 
+    @with_router_logits
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -292,6 +497,8 @@ class PTModel(PTPreTrainedModel):
         `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted).
         With `output_hidden_states=True` the entry after each layer is the mean of the tracks' residual streams
         (in a distributed run that costs one extra all_reduce per layer, only when asked for).
+        A model with sparse layers returns a `MoeModelOutputWithPast`; with `output_router_logits=True` its
+        `router_logits` hold one `[n_local, batch * seq_len, num_experts]` tensor per sparse layer.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -312,8 +519,11 @@ class PTModel(PTPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        # the cache argument is passed by position: its keyword is `cache` or `past_key_values` by version
-        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        if isinstance(attention_mask, dict):  # one mask per layer type, already made (generate() with a static cache)
+            causal_masks = attention_mask
+        else:  # the cache is passed by position: its keyword is `cache` or `past_key_values` by version
+            mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
+            causal_masks = {kind: MASK_FUNCTIONS[kind](*mask_args) for kind in set(self.config.layer_types)}
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         sync = self.track_sync
         sync_attention = (
@@ -327,7 +537,7 @@ class PTModel(PTPreTrainedModel):
             for layer in block:
                 tracks = layer(
                     tracks,
-                    attention_mask=causal_mask,
+                    attention_mask=causal_masks[layer.attention_type],
                     position_embeddings=position_embeddings,
                     cache=cache,
                     sync_attention=sync_attention,
@@ -377,17 +587,27 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the usual shifted next-token cross-entropy; `-100` is ignored.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+
+        A model with sparse layers returns a `MoeCausalLMOutputWithPast`. Unlike Mixtral, its load-balancing loss is
+        computed (and `router_aux_loss_coef` times it added to `loss`) whenever `labels` are given, so training
+        balances the experts without `output_router_logits=True`; `aux_loss` is also returned when router logits
+        are asked for.
         """
-        outputs: BaseModelOutputWithPast = self.model(
+        output_router_logits = self.model.has_sparse_layers and (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        needs_router_logits = output_router_logits or (self.model.has_sparse_layers and labels is not None)
+        outputs: BaseModelOutputWithPast | MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -395,6 +615,7 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_router_logits=needs_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -405,11 +626,23 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
+        common = {"logits": logits, "hidden_states": outputs.hidden_states, CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+        if not self.model.has_sparse_layers:
+            return CausalLMOutputWithPast(loss=loss, **common)
+        aux_loss = None
+        if needs_router_logits:
+            is_padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            padding_mask = attention_mask if is_padding_mask else None
+            aux_loss = pt_load_balancing_loss(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
             loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            aux_loss=aux_loss,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            **common,
         )
 
 

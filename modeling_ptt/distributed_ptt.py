@@ -1,0 +1,379 @@
+"""Track parallelism: the tracks of a PT model spread over the ranks of a `torchrun` / `accelerate launch` job.
+
+With `W` processes (`W` divides `num_tracks = n`), rank `r` owns the `n/W` consecutive tracks `[r*n/W, (r+1)*n/W)`:
+it holds the slice `[r*n/W : (r+1)*n/W]` of every track-stacked tensor and a full copy of the shared ones
+(embedding, final norm, LM head). The forward is the single-device forward; only `PTTrackSync.merge` differs, with
+one all_reduce per merge. This module holds what surrounds it: working out `W` from transformers' own keywords,
+starting the process group, and reading each rank's slices from safetensors.
+
+Why not transformers' tensor-parallel loader (`distributed_config=DistributedConfig(tp_size=W)` with a `tp_plan`
+whose style shards dim 0), tried on transformers 5.17 and 5.24: a style registered in `ALL_PARALLEL_STYLES` whose
+`shard_param` wraps each track tensor as a `Shard(0)` DTensor does load the right slices on both, but
+  - the loader finds a rank's slice from the parameter's DTensor placements, so the parameters stay DTensors after
+    loading and the forward fails on them ("aten.mul.Tensor got mixed torch.Tensor and DTensor"). Computing on plain
+    tensors means swapping them to local ones around every forward (`_use_local_dtensor_params`, what transformers'
+    own styles do) or converting them after `from_pretrained` returns, which needs an overridden `from_pretrained`
+    anyway;
+  - a DTensor `Shard(0)` accepts uneven splits (6 tracks on 4 ranks gives 2, 2, 2, 0 tracks) where PT needs a clear
+    error naming `n` and `W` before anything loads, and setting `PTTrackSync`'s process group and local track count
+    would take a style whose `install_forward` sets attributes instead of wrapping a forward;
+  - the plan resolution and loading internals it relies on are private and changed between 5.17 and 5.24
+    (`model.tp_plan` vs `_resolve_parallel_plans`, the registry class, the shard-on-read path), and generation's
+    own tensor-parallel code keys off `colwise` key projections (`get_kv_heads_per_rank`), which PT would not have.
+So `PTPreTrainedModel.from_pretrained` takes the same keywords (`distributed_config`, `tp_size`, `tp_plan="auto"`)
+and loads with `load_track_parallel` below: the model is built on the meta device, and every rank reads only its
+slices of the safetensors files (one file or a sharded index; see `SafetensorsRows` for why not `safe_open`), so no
+rank materialises the full model. Parameters are plain tensors afterwards.
+
+Generation adds no collective beyond the merges. After a merge's all_reduce every rank holds bit-identical merged
+states (the reduction result is computed once per element and shared, and the shared embedding/norm/head then run
+the same kernels on the same inputs), so every rank computes the same logits and, from the same RNG state, picks
+the same tokens: there is nothing to broadcast. Sampling therefore needs the same RNG state on every rank:
+torch seeds every process differently, so loading copies rank 0's RNG state to all ranks (one broadcast, once), and
+loading and the forward draw no random numbers. Seed with the same value everywhere (`transformers.set_seed(s)`),
+never `s + rank`, and draw from torch's RNG the same way on every rank between load and generate. Ranks on
+hardware that computes the shared layers differently (mixed GPU models) could diverge.
+
+Faults: a rank that dies makes the collectives of the others fail (gloo: at once, when the peer's connection
+closes) or time out after the process-group timeout, so the survivors raise and exit instead of hanging. The
+timeout is `from_pretrained(..., process_group_timeout=seconds)`, else the environment variable
+`PTT_PROCESS_GROUP_TIMEOUT` (seconds), else torch's default (30 min gloo, 10 min NCCL); it applies when this module
+starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HANDLING`, on by default) enforces it.
+"""
+
+import collections
+import json
+import os
+import struct
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationConfig, PreTrainedConfig
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+
+TIMEOUT_ENV = "PTT_PROCESS_GROUP_TIMEOUT"
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def track_parallel_size(kwargs: dict) -> int | None:
+    """Pop transformers' tensor-parallel keywords from `from_pretrained` kwargs; return `W`, or None if absent.
+
+    `distributed_config=DistributedConfig(tp_size=W)` is the documented knob; the older `tp_size=W` and
+    `tp_plan="auto"` are accepted too. Without a size, `W` is the launcher's `WORLD_SIZE`.
+    """
+    distributed_config = kwargs.pop("distributed_config", None)
+    tp_plan = kwargs.pop("tp_plan", None)
+    tp_size = kwargs.pop("tp_size", None)
+    if distributed_config is None and tp_plan is None and tp_size is None:
+        return None
+    if distributed_config is not None:
+        if tp_plan is not None or tp_size is not None:
+            raise ValueError("Pass either `distributed_config` or the standalone `tp_plan`/`tp_size`, not both.")
+        if isinstance(distributed_config, dict):
+            tp_plan, tp_size = distributed_config.get("tp_plan"), distributed_config.get("tp_size")
+        else:
+            tp_plan, tp_size = distributed_config.tp_plan, distributed_config.tp_size
+        for field in ("dp_size", "fsdp_size", "pp_size", "ep_size"):
+            size = distributed_config.get(field) if isinstance(distributed_config, dict) else getattr(
+                distributed_config, field, None)
+            if size not in (None, 1):
+                raise ValueError(f"DistributedConfig.{field}={size}: a PT model supports track parallelism only "
+                                 "(tp_size); data, pipeline and expert parallelism are not implemented.")
+    if tp_plan not in (None, "auto"):
+        raise ValueError(f"tp_plan={tp_plan!r}: a PT model has one fixed plan (its tracks are split over the ranks); "
+                         "pass tp_plan='auto' or only tp_size.")
+    world_size = tp_size if tp_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"tp_size={world_size!r}: must be a positive integer")
+    return world_size
+
+
+def check_track_split(num_tracks: int, world_size: int) -> None:
+    """`W` must divide `n`: every rank owns the same number of whole tracks."""
+    if num_tracks % world_size:
+        divisors = [w for w in range(1, num_tracks + 1) if num_tracks % w == 0]
+        raise ValueError(f"Cannot split num_tracks={num_tracks} tracks over W={world_size} ranks (tp_size): W must "
+                         f"divide num_tracks, one of {divisors}.")
+
+
+def track_range(rank: int, world_size: int, num_tracks: int) -> range:
+    """The tracks rank `rank` of `world_size` owns."""
+    per_rank = num_tracks // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def process_group_timeout(seconds: float | None = None) -> timedelta | None:
+    """The process-group timeout: the argument, else `$PTT_PROCESS_GROUP_TIMEOUT`, else None (torch's default)."""
+    if seconds is None and os.environ.get(TIMEOUT_ENV):
+        try:
+            seconds = float(os.environ[TIMEOUT_ENV])
+        except ValueError:
+            raise ValueError(f"${TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: must be a number of seconds") from None
+    if seconds is None:
+        return None
+    if seconds <= 0:
+        raise ValueError(f"process_group_timeout={seconds}: must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def init_track_parallel(
+    world_size: int, timeout: timedelta | None = None
+) -> tuple[dist.ProcessGroup | None, int, torch.device]:
+    """Join (or start) the launcher's process group; return it, this rank and this rank's device.
+
+    NCCL with `cuda:LOCAL_RANK` where CUDA is available, gloo on the CPU otherwise: the same code either way. A group
+    the caller started already is used as it is (its timeout too). `W=1` needs no group: every track is local.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        return None, 0, device
+    if not dist.is_initialized():
+        missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"tp_size={world_size} needs {world_size} processes started by `torchrun` or "
+                               f"`accelerate launch` (environment variables {missing} are not set).")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+    if dist.get_world_size() != world_size:
+        raise ValueError(f"tp_size={world_size} but the job has {dist.get_world_size()} processes: launch exactly "
+                         f"tp_size processes (replicas of a track-parallel model are not supported).")
+    synchronize_rng_state(dist.group.WORLD, device)
+    return dist.group.WORLD, dist.get_rank(), device
+
+
+def synchronize_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
+    """Give every rank rank 0's torch RNG state (CPU, and this rank's GPU), once, when the model loads.
+
+    torch seeds each fresh process differently, so without this an unseeded `generate(do_sample=True)` would draw
+    different tokens on different ranks, and the ranks would go on to merge the states of different sequences.
+    """
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    for index, state in enumerate(states):
+        shared = state.to(device)
+        dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        states[index] = shared.cpu()
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def checkpoint_files(path: str, hub_kwargs: dict) -> list[str]:
+    """The safetensors files of a checkpoint: the shards its index names, or the single `model.safetensors`."""
+    index = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if index is None:
+        single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if single is None:
+            raise OSError(f"{path} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: track-parallel "
+                          "loading reads safetensors checkpoints only.")
+        return [single]
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [cached_file(path, shard, **hub_kwargs) for shard in shards]
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsRows:
+    """The tensors of one safetensors file, of which only the requested rows (dim-0 indices) are ever read.
+
+    Rows `[a, b)` of a row-major tensor are one contiguous byte range, so a rank reads its tracks with one `readinto`
+    into its own tensor. Not `safetensors.safe_open(...).get_slice`: that maps the whole file and hands out views of
+    the mapping, so a rank's resident set grows by the page-cache pages its slices touch, which the kernel maps in
+    2 MiB folios that straddle the neighbouring ranks' slices (measured: 1.23x the expected bytes on one of 2 ranks),
+    and the file's pages are counted again in every rank.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            header_size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.entries[name]["shape"])
+
+    def read(self, file, name: str, rows: range | None = None) -> torch.Tensor:
+        """Rows `rows` of tensor `name` (all of it when None), from the open binary `file`."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            shape[0] = len(rows)
+        tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        file.seek(self.data_start + begin)
+        if file.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+            raise OSError(f"{self.path}: tensor {name!r} is truncated")
+        return tensor
+
+
+def read_track_slices(
+    files: list[str],
+    model_name: Callable[[str], str | None],
+    expected: dict[str, torch.Size],
+    track_names: set[str],
+    tracks: range,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """Read the tensors named in `expected`: for track-stacked ones (`track_names`) only the slice `tracks` of dim 0.
+
+    `model_name` maps a checkpoint name to the model's (None: not this model's, skip it). Every shape is checked
+    against `expected` (the full, unsplit shapes) before its bytes are read.
+    """
+    num_tracks = next(expected[name][0] for name in track_names)
+    state_dict = {}
+    for path in files:
+        checkpoint = SafetensorsRows(path)
+        with open(path, "rb") as file:
+            for stored_name in checkpoint.keys():
+                name = model_name(stored_name)
+                if name is None:
+                    continue
+                if name not in expected:
+                    raise ValueError(f"{path}: tensor {stored_name!r} is not a parameter of this PT model")
+                shape = checkpoint.shape(stored_name)
+                if name in track_names and (len(shape) == 0 or shape[0] != num_tracks):
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
+                                     f"disagrees with the config's num_tracks={num_tracks}")
+                if shape != expected[name]:
+                    raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, the config implies "
+                                     f"{tuple(expected[name])}")
+                tensor = checkpoint.read(file, stored_name, tracks if name in track_names else None)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state_dict[name] = tensor.to(device)
+    return state_dict
+
+
+def checkpoint_to_model_names(model, expected: dict[str, torch.Size]) -> Callable[[str], str | None]:
+    """transformers' naming rule: a base model (`PTModel`) loads the `model.*` tensors of a checkpoint saved with a
+    head (`PTForCausalLM`) and leaves out the head's own."""
+    prefix = f"{model.base_model_prefix}."
+    is_base_model = model.base_model is model
+
+    def model_name(name: str) -> str | None:
+        if name in expected or not is_base_model:
+            return name
+        return name[len(prefix):] if name.startswith(prefix) else None
+
+    return model_name
+
+
+def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
+    """`from_pretrained` for `W = world_size` ranks: this rank's tracks and the shared tensors, nothing else."""
+    timeout = process_group_timeout(kwargs.pop("process_group_timeout", None))
+    config = kwargs.pop("config", None)
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = dtype if dtype is not None else torch_dtype
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    if kwargs.pop("device_map", None) is not None:
+        raise ValueError("device_map and track parallelism (distributed_config/tp_size) are mutually exclusive: "
+                         "each rank places its tracks on cuda:LOCAL_RANK, or on the CPU without CUDA.")
+    for ignored in ("trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "low_cpu_mem_usage",
+                    "use_safetensors", "weights_only"):  # what Auto classes pass, and what is moot here
+        kwargs.pop(ignored, None)
+    hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
+    if not isinstance(config, PreTrainedConfig):
+        config, kwargs = model_class.config_class.from_pretrained(
+            config if config is not None else path, return_unused_kwargs=True, **hub_kwargs, **kwargs
+        )
+    if kwargs:
+        raise TypeError(f"from_pretrained with track parallelism does not support {sorted(kwargs)}")
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    check_track_split(config.num_tracks, world_size)  # before any process group or byte of weights
+
+    group, rank, device = init_track_parallel(world_size, timeout)
+    tracks = track_range(rank, world_size, config.num_tracks)
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state_dict = read_track_slices(
+        checkpoint_files(path, hub_kwargs), checkpoint_to_model_names(model, expected), expected,
+        set(model.track_stacked_parameter_names()), tracks, device, dtype,
+    )
+    tied = (model._tied_weights_keys or {}) if config.tie_word_embeddings else {}
+    for target, source in tied.items():  # a tied head is saved without its own copy
+        state_dict.setdefault(target, state_dict.get(source))
+    missing = sorted(name for name in expected if state_dict.get(name) is None)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
+    assign_tensors(model, state_dict)
+    if tied:
+        model.tie_weights()
+    materialize_buffers(model, device)
+    model.place_tracks(group, len(tracks))
+    model.config.dtype = model.get_input_embeddings().weight.dtype
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
+    except OSError:  # no generation_config.json: keep the one derived from the config
+        pass
+    return model.eval()
+
+
+def assign_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put the loaded tensors in place of the meta ones (`load_state_dict` would insist on the full track count)."""
+    for name, tensor in state_dict.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+        else:
+            module._buffers[leaf] = tensor
+
+
+def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Compute the non-persistent buffers (RoPE `inv_freq`) that stayed on the meta device, as transformers does."""
+    for module in model.modules():
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Count every collective that reaches the dispatcher while active: `with CollectiveCounter() as counter: ...`.
+
+    `counter.ops` maps `namespace.op` to calls. It sees both `c10d` ops (`torch.distributed.all_reduce`, what a PT
+    merge runs) and `_c10d_functional` ops (functional collectives, what DTensors such as transformers' own tensor
+    parallelism run), which a wrapper around `torch.distributed.all_reduce` would miss.
+    """
+
+    NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
+    NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}  # bookkeeping ops of the functional collectives
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in self.NAMESPACES:
+            name = func.__name__.split(".")[0]
+            if name not in self.NOT_COLLECTIVES:
+                self.ops[f"{func.namespace}.{name}"] += 1
+        return func(*args, **(kwargs or {}))

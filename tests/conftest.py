@@ -1,0 +1,58 @@
+"""Tiny models shared by the tests: built from a seed, never downloaded."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_ptt import PTConfig, PTForCausalLM
+
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=5,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    num_tracks=4,
+    track_block_depth=2,
+)
+LLAMA_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def tiny_config(**overrides) -> PTConfig:
+    return PTConfig(**{**TINY, **overrides})
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Init-time weights leave norms at one and logits near uniform; random everything exercises every weight."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, std)
+    return model
+
+
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> PTForCausalLM:
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    config._attn_implementation = attn_implementation
+    return randomize_(PTForCausalLM(config)).eval()
+
+
+def llama_config_like(config: PTConfig) -> LlamaConfig:
+    return LlamaConfig(**{field: getattr(config, field) for field in LLAMA_FIELDS})
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return randomize_(LlamaForCausalLM(llama_config_like(tiny_config(**overrides)))).eval()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,146 @@
+"""Smoke test of scripts/benchmark.py --quick --experts 4 (all variants, pt_moe included): one process and 2 gloo
+ranks under torchrun.
+
+It checks what the benchmark reports (the JSON schema, the collectives it counted per forward, the output check, the
+files), never the timings: those belong to the benchmark's own output, taken on a quiet machine.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK = ROOT / "scripts" / "benchmark.py"
+TIMEOUT_S = 60  # hard limit per run: a hang fails instead of stalling CI (each takes 10-25 s on 2 busy cores)
+LAYERS = 4  # --quick's shape
+EXPERTS, TOP_K = 4, 2  # per track; pt_moe is merged at D = 8 (--moe-depth's default), as pt_D8
+# the experts kernel: transformers' default in one process (grouped_mm where it can dispatch, else eager), chosen
+# with --experts-implementation on 2 ranks
+EXPERTS_IMPLEMENTATION = {1: None, 2: "eager"}
+VARIANTS = ["tensor_parallel", "pt_D1", "pt_D2", "pt_D4", "pt_D8", "no_sync_bound", "transformers_llama", "pt_moe"]
+LATENCY_KEYS = {"median", "p10", "p90", "min", "max", "n"}
+
+
+def run_quick(tmp_path: Path, world_size: int) -> dict:
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    prefix = tmp_path / f"w{world_size}"
+    launcher = [sys.executable] if world_size == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={world_size}"]
+    command = [*launcher, str(BENCHMARK), "--quick", "--experts", str(EXPERTS), "--profile", "--out", str(prefix)]
+    if EXPERTS_IMPLEMENTATION[world_size]:
+        command += ["--experts-implementation", EXPERTS_IMPLEMENTATION[world_size]]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"benchmark --quick with W={world_size} ran over {TIMEOUT_S}s:\n{hang.stdout}\n{hang.stderr}")
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert prefix.with_suffix(".png").stat().st_size > 10_000, "the plot was written"
+    table = prefix.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in VARIANTS)
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one_process", "torchrun_2_ranks"])
+def report(request, tmp_path_factory):
+    return run_quick(tmp_path_factory.mktemp("benchmark"), request.param)
+
+
+def test_report_schema(report):
+    assert report["schema"] == "modeling_ptt/benchmark/1"
+    assert {"argv", "environment"} <= set(report["command"]) and "--quick" in report["command"]["argv"]
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["torch_threads_per_rank"] == 1
+    assert {"python", "torch", "transformers"} <= set(env["versions"])
+    assert report["model"]["dtype"] == "float32" and report["model"]["layers"] == LAYERS
+    assert [row["name"] for row in report["variants"]] == VARIANTS
+    for row in report["variants"]:
+        for metric in ("ttft_ms", "tpot_ms"):
+            assert set(row[metric]) == LATENCY_KEYS
+            assert 0 < row[metric]["min"] <= row[metric]["median"] <= row[metric]["max"]
+        assert row["ttft_ms"]["n"] == report["workload"]["repeats"]
+        assert row["tpot_ms"]["n"] == report["workload"]["repeats"] * (report["workload"]["new_tokens"] - 1)
+        assert row["throughput_tokens_per_s"]["median"] > 0
+        assert len(row["peak_memory_bytes_per_rank"]) == env["world_size"]
+        assert all(peak > 0 for peak in row["peak_memory_bytes_per_rank"])
+        assert len(row["median_ms_per_rank"]) == env["world_size"]
+    assert {target["name"] for target in report["targets"]} == set(report["ratios"])
+    assert len(report["decode_profile_per_rank"]) == env["world_size"]
+    for profiled in report["decode_profile_per_rank"]:
+        assert list(profiled) == VARIANTS
+        assert all(cost["wall_ms_per_step"] > 0 and cost["aten_ms"] > 0 for cost in profiled.values())
+    assert (report["bare_all_reduce_ms"] is None) == (env["world_size"] == 1)
+
+
+def test_outputs_of_pt_in_tensor_parallel_layout_match_the_llama(report):
+    (item,) = report["checks"]
+    assert item["passed"] and item["relative_error"] < 1e-4
+
+
+def test_collectives_per_forward(report):
+    rows = {row["name"]: row for row in report["variants"]}
+    world_size = report["environment"]["world_size"]
+    for name, row in rows.items():
+        for phase in ("prefill", "decode"):
+            counted = row["collectives"][phase]
+            if world_size == 1:
+                assert counted == {}, (name, phase)
+            elif name == "transformers_llama":
+                # transformers' TP (DESIGN section 7): o_proj and down_proj reduce, the LM head's logits are gathered;
+                # 5.24 also shards the embedding by vocabulary (one more all_reduce), 5.17 replicates it
+                embedding = {"_c10d_functional.all_reduce": 1} if "_c10d_functional.all_reduce" in counted else {}
+                assert counted == {"c10d.allreduce_": 2 * LAYERS, "_c10d_functional.all_gather_into_tensor": 1,
+                                   **embedding}, (name, phase)
+            else:
+                depth = row["track_block_depth"]
+                merges = 2 * LAYERS if name == "tensor_parallel" else math.ceil(LAYERS / depth)
+                assert counted == {"c10d.allreduce_": merges} == {"c10d.allreduce_": row["expected_merges"]}, name
+    if world_size > 1:
+        assert rows["no_sync_bound"]["collectives"]["prefill"] == {"c10d.allreduce_": 1}
+    # the experts of a track sit on its rank: routing adds no collective to the dense PT model's ceil(L/D) merges
+    assert rows["pt_moe"]["collectives"] == rows["pt_D8"]["collectives"]
+
+
+def test_each_rank_holds_its_share_of_the_weights(report):
+    model, world_size = report["model"], report["environment"]["world_size"]
+    d, ffn, layers, n = model["hidden_size"], model["intermediate_size"], model["layers"], model["num_tracks"]
+    kv_width = model["kv_heads"] * d // model["heads"]
+    shared = 2 * model["vocab_size"] * d + d  # embedding, LM head, final norm: on every rank
+    attention_and_norms = 2 * d * d + 2 * d * kv_width + 2 * n * d
+    tracks = layers * (attention_and_norms + 3 * d * ffn)  # split over the ranks
+    # pt_moe: per track E experts of width (ffn / n) / k and a router [E, d]
+    moe_tracks = layers * (attention_and_norms + n * EXPERTS * (3 * d * ffn // n // TOP_K + d))
+    rows = {row["name"]: row for row in report["variants"]}
+    for name, row in rows.items():
+        if name != "transformers_llama":
+            expected = moe_tracks if name == "pt_moe" else tracks
+            assert row["weight_bytes_per_rank"] == [4 * (shared + expected // world_size)] * world_size, name
+    dense = 4 * (shared + tracks - 2 * (n - 1) * layers * d)  # the Llama has one norm vector per layer and kind
+    llama = rows["transformers_llama"]["weight_bytes_per_rank"]
+    assert llama == [dense] if world_size == 1 else max(llama) < dense, "transformers' TP shards the Llama"
+
+
+def test_pt_moe_has_the_dense_models_active_parameters_and_its_ratios(report):
+    model, world_size = report["model"], report["environment"]["world_size"]
+    moe = model["moe"]
+    assert (moe["experts"], moe["experts_per_tok"], moe["track_block_depth"]) == (EXPERTS, TOP_K, 8)
+    assert moe["moe_intermediate_size"] * TOP_K == model["intermediate_size"] // model["num_tracks"]
+    chosen = EXPERTS_IMPLEMENTATION[world_size]
+    assert moe["experts_implementation"] in ((chosen,) if chosen else ("grouped_mm", "eager"))
+    routers = model["layers"] * model["num_tracks"] * EXPERTS * model["hidden_size"] // world_size
+    assert moe["active_parameters_per_rank"] - moe["dense_parameters_per_rank"] == routers
+    targets = {target["name"]: target for target in report["targets"]}
+    for name in ("pt_moe TTFT / pt_D8", "pt_moe TPOT / pt_D8", "throughput pt_moe / pt_D8"):
+        assert targets[name]["value"] > 0 and targets[name]["met"] in (True, False), name
+    rows = {row["name"]: row for row in report["variants"]}
+    ttft = rows["pt_moe"]["ttft_ms"]["median"] / rows["pt_D8"]["ttft_ms"]["median"]
+    assert targets["pt_moe TTFT / pt_D8"]["value"] == pytest.approx(ttft)
+    assert targets["throughput pt_moe / pt_D8"]["target"] == ">= 0.90"
