@@ -1,45 +1,84 @@
 #!/usr/bin/env python
-"""The PT model's life in seconds: build `ptt-tiny`, generate, save with remote code, reload through the Auto classes."""
+"""The life of a PT model on real text, in minutes on a laptop CPU (what `make demo` runs).
+
+Trains a small PT model (4 tracks, 4 layers, merged every D=2 layers) from scratch on the Shakespeare plays with
+`scripts/train.py`, prints validation perplexity before and after next to the unigram baseline, reloads the saved
+directory through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` (the model's own code saved
+beside the weights, not this package), generates a few lines, and counts the sync points against tensor
+parallelism. `--quick` is the one-minute version CI runs.
+"""
 
 import argparse
-import tempfile
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
-
-from modeling_ptt import PTConfig, PTForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent
+PROMPTS = ["KING. My lords,", "Enter Hamlet.\n\n  Ham. To be, or not"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=str(ROOT / "configuration" / "ptt-tiny.json"))
-    parser.add_argument("--output-dir", default=None, help="where to save the model (default: a temporary dir)")
-    args = parser.parse_args()
+def train_demo_model(output_dir: str, max_steps: int) -> dict:
+    sys.path.insert(0, str(SCRIPTS))
+    import train
 
+    print(f"== training a PT model on the Shakespeare plays ({max_steps} steps, {torch.get_num_threads()} threads)")
+    summary = train.train(train.parse_args([
+        "--output-dir", output_dir, "--max-steps", str(max_steps), "--num-tracks", "4", "--track-block-depth", "2",
+        "--eval-every", str(max(max_steps // 5, 1)), "--log-every", "10",
+        "--warmup-steps", str(max(max_steps // 20, 1)),
+    ]))
+    print(f"validation perplexity: {summary['val_ppl_before']:.1f} before training -> {summary['val_ppl']:.1f} after "
+          f"{summary['training_tokens']:,} tokens (unigram baseline {summary['unigram_ppl']:.1f}); "
+          f"training took {summary['wall_s']:.0f} s")
+    print(f"log: {Path(output_dir, train.LOG_NAME)}, curve: {Path(output_dir, train.PLOT_NAME)}")
+    return summary
+
+
+def reload_and_generate(model_dir: str) -> None:
+    """Runs in a fresh process that never imports `modeling_ptt`: the model's class comes from the code saved beside
+    its weights, as on a machine that never installed this package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # loading by path: never ask the Hub
+    # transformers 5.x reads the model's config to pick a tokenizer: with remote code, that also needs the consent
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    print(f"\n== reloaded through AutoModelForCausalLM(trust_remote_code=True) as {type(model).__module__}."
+          f"{type(model).__name__}")
     torch.manual_seed(0)
-    config = PTConfig.from_json_file(args.config)
-    model = PTForCausalLM(config).eval()
-    print(f"{config.num_tracks} tracks x {config.num_hidden_layers} layers, merged every {config.track_block_depth}: "
-          f"{config.num_sync_points} sync points per forward (tensor parallelism: {2 * config.num_hidden_layers})")
-    print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=48, do_sample=True, temperature=0.8, top_k=40,
+                                pad_token_id=tokenizer.eos_token_id)
+        print(f"--- {prompt!r}\n{tokenizer.decode(output[0], skip_special_tokens=True)}")
 
-    prompt = torch.tensor([[3, 14, 15, 92, 65]])
-    tokens = model.generate(prompt, max_new_tokens=10, do_sample=False)
-    print("greedy tokens:", tokens[0].tolist())
+    config = model.config
+    print(f"\n== sync points per forward with the tracks on {config.num_tracks} devices: "
+          f"{config.num_sync_points} (PT, D={config.track_block_depth}) vs {2 * config.num_hidden_layers} "
+          f"(tensor parallelism, 2 per layer)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.output_dir or tmp)
-        model.save_pretrained(out)
-        print("saved:", ", ".join(sorted(p.name for p in out.iterdir())))
-        reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-        again = reloaded.generate(prompt, max_new_tokens=10, do_sample=False)
-        print(f"reloaded through AutoModelForCausalLM as {type(reloaded).__name__}: same tokens = {torch.equal(tokens, again)}")
-        if not torch.equal(tokens, again):
-            raise SystemExit("the reloaded model generated different tokens")
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about a minute: fewer steps (CI)")
+    parser.add_argument("--output-dir", default=str(SCRIPTS.parent / "outputs" / "demo"))
+    parser.add_argument("--max-steps", type=int, help="default: 1000, or 150 with --quick")
+    parser.add_argument("--reload-only", action="store_true", help="only reload OUTPUT_DIR and generate")
+    args = parser.parse_args(argv)
+    if args.reload_only:
+        return reload_and_generate(args.output_dir)
+
+    started = time.perf_counter()
+    summary = train_demo_model(args.output_dir, args.max_steps or (150 if args.quick else 1000))
+    subprocess.run([sys.executable, __file__, "--reload-only", "--output-dir", args.output_dir], check=True)
+    print(f"demo wall time {time.perf_counter() - started:.0f} s")
+    if not summary["val_ppl"] < summary["unigram_ppl"]:
+        raise SystemExit(f"the model did not learn: perplexity {summary['val_ppl']:.1f} is not below the unigram "
+                         f"baseline {summary['unigram_ppl']:.1f}")
 
 
 if __name__ == "__main__":

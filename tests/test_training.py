@@ -1,0 +1,160 @@
+"""scripts/train.py: bad data, exact resume, atomic checkpoints, the saved model, DDP under accelerate, the demo."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import train  # noqa: E402
+
+
+# a two-track, two-layer model small enough for a few CPU seconds
+TINY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4",
+        "--num-key-value-heads", "2", "--head-dim", "8", "--num-tracks", "2", "--track-block-depth", "1",
+        "--vocab-size", "300", "--block-size", "32", "--batch-size", "4", "--warmup-steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The first 30k characters of two plays of the default corpus."""
+    directory = tmp_path_factory.mktemp("corpus")
+    for path in train.shakespeare_files()[:2]:
+        (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return directory
+
+
+def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
+    return train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TINY, *extra]))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.txt", "does not exist"),
+        (lambda d: (d / "empty.txt").write_text("  \n") and d / "empty.txt", "is empty"),
+        (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")) and d / "latin1.txt",
+         "is not UTF-8"),
+        (lambda d: (d / "short.txt").write_text("Too short.\n" * 3) and d / "short.txt", "shorter than one block"),
+    ],
+    ids=["missing", "empty", "not-utf8", "shorter-than-a-block"],
+)
+def test_bad_data_names_the_file(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+        train.train(train.parse_args(["--data", str(path), "--output-dir", str(tmp_path / "out"), *TINY]))
+    assert path.name in str(error.value)
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    """8 steps straight == 4 steps, a killed save, resume, 4 more: same losses and weights (fp32 CPU, bitwise)."""
+    common = ["--max-steps", "8", "--log-every", "1", "--eval-every", "2", "--gradient-accumulation-steps", "2",
+              "--eval-blocks", "4"]
+    straight = tmp_path / "straight"
+    run_train(corpus, straight, *common)
+
+    split = tmp_path / "split"
+    run_train(corpus, split, *common, "--save-every", "4", "--stop-at-step", "4")
+    assert train.latest_checkpoint(split).name == "checkpoint-4"
+    assert not (split / "config.json").exists()  # a stopped job exports nothing
+    # a save killed half-way leaves its temporary directory behind: resume must ignore it
+    killed = split / "checkpoint-6.tmp"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"truncated")
+    run_train(corpus, split, *common, "--save-every", "4", "--resume")
+
+    def losses(run):
+        return [(r["step"], r["loss"], r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
+
+    assert [step for step, _, _ in losses(split)] == list(range(9))
+    assert losses(split) == losses(straight)
+    weights_straight = load_file(straight / "model.safetensors")
+    weights_split = load_file(split / "model.safetensors")
+    assert weights_straight.keys() == weights_split.keys()
+    for name, tensor in weights_straight.items():
+        assert torch.equal(tensor, weights_split[name]), name
+
+
+def test_output_loads_through_auto_classes(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    summary = run_train(corpus, out, "--max-steps", "20", "--eval-every", "10", "--lr", "1e-2")
+    records = train.read_log(out / train.LOG_NAME)
+    assert {"step", "loss", "val_loss", "val_ppl", "tokens_per_s", "lr"} <= set(records[-1])
+    assert records[-1]["val_loss"] == summary["val_loss"] < summary["val_loss_before"]
+    assert (out / train.PLOT_NAME).stat().st_size > 0
+    assert (out / "modeling_ptt.py").exists() and (out / "configuration_ptt.py").exists()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.num_tracks == 2 and model.config.vocab_size == len(tokenizer)
+    # the reloaded model scores the held-out blocks as training last did
+    _, _, val_blocks, _ = train.prepare_data(train.parse_args(["--data", str(corpus), "--tokenizer", str(out), *TINY]))
+    reloaded = train.validation_loss(model, val_blocks[:64], 4, torch.device("cpu"))
+    assert reloaded == pytest.approx(summary["val_loss"], abs=1e-5)
+    text = tokenizer.decode(tokenizer("My lord, the king.")["input_ids"])
+    assert text == "My lord, the king."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(corpus, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) x batch 2 == 1 process x batch 4: DDP averages gradients of
+    the same 4 blocks per step (the sampler gives process r the r-th half of the single process's batch)."""
+    common = ["--data", str(corpus), *TINY, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
+              "--eval-blocks", "4"]
+    # accelerate's multi-process launcher is torchrun (`--cpu` alone would start one process); without GPUs
+    # train.py runs the processes on the CPU over gloo
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    ddp = tmp_path / "ddp"
+    subprocess.run([*launch, str(ROOT / "scripts" / "train.py"), *common, "--output-dir", str(ddp),
+                    "--batch-size", "2"], env=env, check=True, timeout=180)
+    single = tmp_path / "single"
+    train.train(train.parse_args([*common, "--output-dir", str(single), "--batch-size", "4"]))
+
+    ddp_log, single_log = train.read_log(ddp / train.LOG_NAME), train.read_log(single / train.LOG_NAME)
+    assert [r["step"] for r in ddp_log] == [r["step"] for r in single_log] == [0, 1, 2, 3]
+    for a, b in zip(ddp_log[1:], single_log[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+    assert ddp_log[-1]["val_loss"] == pytest.approx(single_log[-1]["val_loss"], rel=1e-5)
+
+
+def test_demo_quick(tmp_path):
+    """The README's main command in its one-minute mode: trains, beats the unigram baseline, reloads as remote code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # the reload must come from the saved code, not from this checkout
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--quick", "--output-dir",
+                             str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "reloaded through AutoModelForCausalLM(trust_remote_code=True) as transformers_modules." in result.stdout
+    assert "2 (PT, D=2) vs 8 (tensor parallelism" in result.stdout
+    records = train.read_log(tmp_path / "demo" / train.LOG_NAME)
+    assert records[-1]["val_ppl"] < records[0]["val_ppl"] / 5
+
+
+def test_datasets_dataset_as_data(corpus, tmp_path):
+    """A 🤗 datasets dataset (here a saved directory) trains like the same text given as files."""
+    datasets = pytest.importorskip("datasets")
+    texts = [path.read_text(encoding="utf-8") for path in sorted(corpus.glob("*.txt"))]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
+    args = ["--max-steps", "2", "--eval-blocks", "4"]
+    from_dataset = train.train(train.parse_args(["--dataset", str(tmp_path / "dataset"), "--output-dir",
+                                                 str(tmp_path / "a"), *TINY, *args]))
+    from_files = run_train(corpus, tmp_path / "b", *args)
+    assert from_dataset["val_loss"] == from_files["val_loss"]
