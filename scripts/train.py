@@ -283,9 +283,32 @@ def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: in
     total = 0.0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].to(device)
-        total += model(input_ids=batch, labels=batch, use_cache=False).loss.float().item() * len(batch)
+        logits = model(input_ids=batch, use_cache=False).logits
+        # the language-model loss alone: a PT-MoE model's `loss` also holds its load-balancing term
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+        total += loss.item() * len(batch)
     model.train(was_training)
     return total / len(blocks)
+
+
+@torch.no_grad()
+def expert_token_shares(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> list:
+    """For every sparse layer, the share of its track's routed tokens each expert received: `[layer][track][expert]`
+    (1/E everywhere is perfectly even)."""
+    was_training = model.training
+    model.eval()
+    counts = None
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size].to(device)
+        router_logits = model(input_ids=batch, use_cache=False, output_router_logits=True).router_logits
+        top_k = model.config.num_experts_per_tok
+        batch_counts = torch.stack([  # [layers, tracks, experts]
+            torch.nn.functional.one_hot(layer.topk(top_k, dim=-1).indices, layer.shape[-1]).sum(dim=(1, 2))
+            for layer in router_logits
+        ])
+        counts = batch_counts if counts is None else counts + batch_counts
+    model.train(was_training)
+    return (counts / counts.sum(-1, keepdim=True)).tolist()
 
 
 # ------------------------------------------------------------------------------------------------- checkpointing
@@ -386,6 +409,7 @@ def train(args) -> dict:
     unigram_ppl = unigram_perplexity(train_blocks, val_blocks, len(tokenizer))
     config = build_config(args, tokenizer)
     model = build_model(config, args.output_proj_scale)
+    sparse = "sparse" in config.mlp_layer_types  # PT-MoE: log the load-balancing loss and the experts' shares
     num_parameters = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
@@ -431,17 +455,18 @@ def train(args) -> dict:
 
     model.train()
     tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * accelerator.num_processes
-    window_losses, window_start = [], time.perf_counter()
+    window_losses, window_aux_losses, window_start = [], [], time.perf_counter()
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
                     desc="train", dynamic_ncols=True)
     stop = min(args.max_steps, args.stop_at_step or args.max_steps)
     while step < stop:
-        step_loss = 0.0
+        step_loss, step_aux_loss = 0.0, 0.0
         for _ in range(args.gradient_accumulation_steps):
             batch = train_blocks[sampler.indices(position)].to(accelerator.device)
             position += 1
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                outputs = model(input_ids=batch, labels=batch, use_cache=False)
+                loss = outputs.loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -449,10 +474,14 @@ def train(args) -> dict:
                 optimizer.zero_grad()
             # the mean over processes is the loss of the whole global batch
             step_loss += accelerator.reduce(loss.detach().float(), "mean").item() / args.gradient_accumulation_steps
+            if getattr(outputs, "aux_loss", None) is not None:  # PT-MoE: the load-balancing term inside `loss`
+                aux_loss = accelerator.reduce(outputs.aux_loss.detach().float(), "mean").item()
+                step_aux_loss += aux_loss / args.gradient_accumulation_steps
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
         window_losses.append(step_loss)
+        window_aux_losses.append(step_aux_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
 
@@ -461,10 +490,13 @@ def train(args) -> dict:
             tokens_per_s = tokens_per_step * len(window_losses) / (time.perf_counter() - window_start)
             val_loss = evaluate() if evaluate_now else None
             val_loss_after = val_loss if evaluate_now else val_loss_after
-            log({"step": step, "loss": sum(window_losses) / len(window_losses), "val_loss": val_loss,
-                 "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
-                 "lr": lr, "tokens": tokens_per_step * step})
-            window_losses, window_start = [], time.perf_counter()
+            record = {"step": step, "loss": sum(window_losses) / len(window_losses), "val_loss": val_loss,
+                      "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
+                      "lr": lr, "tokens": tokens_per_step * step}
+            if sparse:
+                record["aux_loss"] = sum(window_aux_losses) / len(window_aux_losses)
+            log(record)
+            window_losses, window_aux_losses, window_start = [], [], time.perf_counter()
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, output_dir, step, position)
             window_start = time.perf_counter()
@@ -480,6 +512,8 @@ def train(args) -> dict:
         "wall_s": time.perf_counter() - started,
         "output_dir": str(output_dir),
     }
+    if sparse:
+        summary["expert_token_shares"] = expert_token_shares(model, val_blocks, args.batch_size, accelerator.device)
     if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
         if not (output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
             save_checkpoint(accelerator, output_dir, step, position)

@@ -158,3 +158,16 @@ def test_datasets_dataset_as_data(corpus, tmp_path):
                                                  str(tmp_path / "a"), *TINY, *args]))
     from_files = run_train(corpus, tmp_path / "b", *args)
     assert from_dataset["val_loss"] == from_files["val_loss"]
+
+
+def test_pt_moe_trains_logs_its_aux_loss_and_uses_every_expert(corpus, tmp_path):
+    summary = run_train(corpus, tmp_path / "moe", "--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"),
+                        "--num-hidden-layers", "4", "--max-steps", "12", "--log-every", "4", "--eval-every", "12",
+                        "--lr", "1e-2", "--eval-blocks", "8")
+    log = train.read_log(tmp_path / "moe" / train.LOG_NAME)
+    assert all(record["aux_loss"] > 0 for record in log if record["step"] > 0)
+    assert summary["val_loss"] < summary["val_loss_before"]
+    shares = torch.tensor(summary["expert_token_shares"])  # [sparse layers, tracks, experts]
+    assert shares.shape == (2, 2, 4)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2, 2))
+    assert (shares > 0).all(), "every expert of every track receives tokens"
