@@ -1,5 +1,10 @@
 """Tiny models shared by the tests: built from a seed, never downloaded."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,3 +61,24 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def run_without_package(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where `modeling_ptt` is not importable and the Hub is off."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONNOUSERSITE": "1"}
+    # `pip install -e` puts the package on sys.path through a .pth file: hide it by blocking the import
+    preamble = textwrap.dedent(
+        """
+        import sys
+        class BlockPackage:
+            def find_spec(self, name, path=None, target=None):
+                if name == "modeling_ptt" or name.startswith("modeling_ptt."):
+                    raise ImportError("modeling_ptt is not installed here")
+        sys.meta_path.insert(0, BlockPackage())
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )

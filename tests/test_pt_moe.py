@@ -2,9 +2,6 @@
 AFM-shaped config's parameter counts, the new config fields' validation, and the dense model left as it was."""
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ from transformers import Qwen3MoeConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
-from conftest import tiny_config, tiny_model
+from conftest import run_without_package, tiny_config, tiny_model
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
@@ -191,16 +188,19 @@ def test_pt_moe_loads_as_remote_code_without_the_package(tmp_path):
     input_ids = torch.randint(0, model.config.vocab_size, (1, 9))
     model.save_pretrained(tmp_path)
     torch.save(input_ids, tmp_path / "input_ids.pt")
-    script = (
-        "import sys, torch; from transformers import AutoModelForCausalLM\n"
-        "assert not any('modeling_ptt' in m for m in sys.modules)\n"
-        "model = AutoModelForCausalLM.from_pretrained('.', trust_remote_code=True).eval()\n"
-        "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
-        "assert model.config._experts_implementation == 'grouped_mm'\n"
-        "with torch.no_grad(): torch.save(model(torch.load('input_ids.pt')).logits, 'logits.pt')\n"
+    result = run_without_package(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(".", trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert model.config._experts_implementation == "grouped_mm"
+        with torch.no_grad():
+            torch.save(model(torch.load("input_ids.pt")).logits, "logits.pt")
+        """,
+        cwd=tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert result.returncode == 0, result.stderr
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(input_ids).logits, atol=0, rtol=0)
 

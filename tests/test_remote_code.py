@@ -1,36 +1,11 @@
 """A saved PT model loads through the Auto classes on a machine that never installed this package."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import torch
 
-from conftest import tiny_model
-
-
-def run_without_package(code: str, cwd) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter where `modeling_ptt` is not importable and the Hub is off."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONNOUSERSITE": "1"}
-    # `pip install -e` puts the package on sys.path through a .pth file: hide it by blocking the import
-    preamble = textwrap.dedent(
-        """
-        import sys
-        class BlockPackage:
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_ptt" or name.startswith("modeling_ptt."):
-                    raise ImportError("modeling_ptt is not installed here")
-        sys.meta_path.insert(0, BlockPackage())
-        """
-    )
-    return subprocess.run(
-        [sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
+from conftest import run_without_package, tiny_model
 
 
 def test_save_writes_remote_code_and_auto_map(tmp_path):
