@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -12,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
+TESTS = Path(__file__).resolve().parent
 TINY = dict(
     vocab_size=97,
     hidden_size=32,
@@ -67,17 +70,8 @@ def run_without_package(code: str, cwd) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where `modeling_ptt` is not importable and the Hub is off."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONNOUSERSITE": "1"}
-    # `pip install -e` puts the package on sys.path through a .pth file: hide it by blocking the import
-    preamble = textwrap.dedent(
-        """
-        import sys
-        class BlockPackage:
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_ptt" or name.startswith("modeling_ptt."):
-                    raise ImportError("modeling_ptt is not installed here")
-        sys.meta_path.insert(0, BlockPackage())
-        """
-    )
+    # `pip install -e` puts the package on sys.path through a .pth file: the child imports the blocker first
+    preamble = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nimport block_package\n"
     return subprocess.run(
         [sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,

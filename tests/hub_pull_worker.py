@@ -10,23 +10,12 @@ revision resolved to, the class's module, and the files of that snapshot. `HF_EN
 `HF_HUB_OFFLINE` come from the environment, set by the test before this process imports huggingface_hub.
 """
 
-import importlib.abc
 import json
 import os
 import sys
 from pathlib import Path
 
-
-class BlockPackage(importlib.abc.MetaPathFinder):
-    """`modeling_ptt` may be installed (editable) in the venv: the pull must not find it, only the repo's code."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "modeling_ptt":
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the pull must use the repo's code)")
-        return None
-
-
-sys.meta_path.insert(0, BlockPackage())
+import block_package  # noqa: F401  (first: the pull must not find an installed modeling_ptt)
 
 import torch  # noqa: E402
 from huggingface_hub import hf_hub_download  # noqa: E402
