@@ -84,6 +84,40 @@ def test_batched_pt_moe_equals_per_track_reference(num_tracks, norm_topk_prob):
             torch.testing.assert_close(model(input_ids).logits, expected, atol=ATOL, rtol=0)
 
 
+def test_eager_experts_kernel_equals_grouped_mm_forward_and_backward():
+    """Our CPU kernel (`PTFoldedExperts.forward`, the "eager" implementation) against transformers' grouped_mm
+    kernel on the same folded experts, for routings that give experts no row, one row (padded to two columns), a
+    few rows and 16 or more (the two matmul forms), including the gradients of inputs, weights and routing
+    weights. fp32, atol 1e-5."""
+    from modeling_ptt.modeling_ptt import PTExperts
+
+    torch.manual_seed(0)
+    config = tiny_config(num_tracks=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                         mlp_layer_types=["sparse"] * 5)
+    experts = PTExperts(config)
+    for weight in experts.parameters():
+        torch.nn.init.normal_(weight, std=0.1)
+    rows_seen = []
+    for num_tokens, top_k_index in [
+        (1, torch.tensor([[[0, 2]], [[3, 1]]])),  # decoding one token: one row per chosen expert
+        (5, torch.randint(0, 4, (2, 5, 1)).repeat(1, 1, 2).add_(torch.tensor([0, 1])).remainder_(4)),
+        (40, torch.randn(2, 40, 4).topk(2, dim=-1).indices),  # 20 rows per expert on average
+    ]:
+        rows_seen += torch.stack([torch.bincount(track.flatten(), minlength=4) for track in top_k_index]).tolist()
+        rows = torch.randn(2, num_tokens, config.hidden_size, requires_grad=True)
+        top_k_weights = torch.rand(2, num_tokens, 2, requires_grad=True)
+        results = {}
+        for implementation in ("eager", "grouped_mm"):
+            config._experts_implementation = implementation
+            output = experts(rows, top_k_index, top_k_weights)
+            grads = torch.autograd.grad(output.square().sum(), [rows, top_k_weights, *experts.parameters()])
+            results[implementation] = (output, *grads)
+        for eager, grouped in zip(results["eager"], results["grouped_mm"]):
+            torch.testing.assert_close(eager, grouped, atol=ATOL, rtol=0)
+    rows_seen = sum(rows_seen, [])
+    assert 0 in rows_seen and 1 in rows_seen and any(1 < rows < 16 for rows in rows_seen) and max(rows_seen) >= 16
+
+
 def test_a_track_needs_only_its_own_weights():
     """Experts never leave their track: a sparse layer holding only tracks [2, 4) of every weight (what a rank that
     owns those tracks loads: dim 0 of every layer tensor is the track) computes exactly those tracks of the full
