@@ -62,7 +62,8 @@ class PTConfig(PreTrainedConfig):
         norm_topk_prob (`bool`, defaults to `True`):
             Renormalise the top-k routing probabilities to sum to 1 (Mixtral and AFM do).
         router_aux_loss_coef (`float`, defaults to 0.001):
-            Weight of the load-balancing loss added to the LM loss whenever labels are given.
+            Weight of the load-balancing loss added to the LM loss whenever labels are given (the loss of every
+            sparse layer and track on its own, averaged: see `pt_load_balancing_loss`).
         output_router_logits (`bool`, defaults to `False`):
             Return the routers' logits (one `[n, batch * seq_len, num_experts]` tensor per sparse layer).
 

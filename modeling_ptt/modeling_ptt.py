@@ -287,18 +287,24 @@ def with_router_logits(forward: Callable) -> Callable:
 def pt_load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mixtral's load-balancing loss of each track's routing among its own experts, averaged over the tracks.
+    """Mixtral's load-balancing loss (Switch Transformer eqs. 4-6) of every router on its own, i.e. of every sparse
+    layer's routing within every track, averaged (balanced routing gives `top_k`, as Mixtral's does).
+
+    Mixtral pools the logits of all layers first, so an expert that one layer overloads and another starves counts as
+    balanced (transformers#28255): trained that way, a PT-MoE's experts stayed uneven per layer while the pooled
+    loss sat at its minimum. With one sparse layer and one track both are the same number.
 
     `router_logits` holds one `[n, batch * seq_len, num_experts]` tensor per sparse layer; `attention_mask` is the 2D
     padding mask (its last `seq_len` columns are used, so it may also cover cached tokens).
     """
     if attention_mask is not None:
         attention_mask = attention_mask[:, -(router_logits[0].shape[1] // attention_mask.shape[0]) :]
-    per_track = [
-        load_balancing_loss_func(tuple(layer[track] for layer in router_logits), num_experts, top_k, attention_mask)
-        for track in range(router_logits[0].shape[0])
+    per_router = [
+        load_balancing_loss_func((track_logits,), num_experts, top_k, attention_mask)
+        for layer_logits in router_logits
+        for track_logits in layer_logits
     ]
-    return torch.stack(per_track).mean()
+    return torch.stack(per_router).mean()
 
 
 class PTAttention(nn.Module):

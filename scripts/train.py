@@ -59,6 +59,7 @@ CONFIG_OVERRIDES = {
     "num_key_value_heads": int,
     "head_dim": int,
     "initializer_range": float,
+    "router_aux_loss_coef": float,
 }
 
 

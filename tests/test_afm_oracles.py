@@ -24,6 +24,8 @@ from transformers import (
     SmolLM3ForCausalLM,
 )
 
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
@@ -74,31 +76,52 @@ def assert_same_logits_and_tokens(oracle, model, cache_implementations=("dynamic
     return expected
 
 
-@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm", "eager"])
-def test_all_sparse_one_track_model_is_mixtral(experts_implementation):
-    torch.manual_seed(0)
+def mixtral_and_twin(num_hidden_layers: int) -> tuple[MixtralForCausalLM, PTForCausalLM]:
     mixtral_config = MixtralConfig(
-        **SHAPE, num_hidden_layers=3, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        **SHAPE, num_hidden_layers=num_hidden_layers, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
         router_aux_loss_coef=0.05, attn_implementation="sdpa", experts_implementation="eager",
     )
     mixtral = MixtralForCausalLM(mixtral_config).eval()
-    model = one_track_twin(mixtral, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
-                           moe_intermediate_size=48, router_aux_loss_coef=0.05)
+    return mixtral, one_track_twin(mixtral, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=48, router_aux_loss_coef=0.05)
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_all_sparse_one_track_model_is_mixtral(experts_implementation):
+    torch.manual_seed(0)
+    mixtral, model = mixtral_and_twin(num_hidden_layers=3)
     model.set_experts_implementation(experts_implementation)
     assert model.config.mlp_layer_types == ["sparse"] * 3
 
     assert_same_logits_and_tokens(mixtral, model)
 
-    # the load-balancing loss and the router logits, with labels and padding
+    # The router logits, and the loss with labels and padding. Our load-balancing loss is Mixtral's of every layer's
+    # router on its own, averaged (Mixtral pools all layers first; see pt_load_balancing_loss), so its oracle is
+    # transformers' function applied to each of Mixtral's layers.
+    input_ids, attention_mask = prompts()
+    with torch.no_grad():
+        expected = mixtral(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+        actual = model(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    assert len(actual.router_logits) == len(expected.router_logits) == 3
+    for ours, theirs in zip(actual.router_logits, expected.router_logits):
+        torch.testing.assert_close(ours, theirs.unsqueeze(0), atol=ATOL, rtol=0)
+    per_layer = [load_balancing_loss_func((layer,), 4, 2, attention_mask) for layer in expected.router_logits]
+    expected_aux_loss = torch.stack(per_layer).mean()
+    torch.testing.assert_close(actual.aux_loss, expected_aux_loss, atol=ATOL, rtol=0)
+    cross_entropy = expected.loss - 0.05 * expected.aux_loss
+    torch.testing.assert_close(actual.loss, cross_entropy + 0.05 * expected_aux_loss, atol=ATOL, rtol=0)
+
+
+def test_one_sparse_layer_load_balancing_loss_is_mixtrals():
+    """With one sparse layer there is nothing to pool: aux_loss and loss are Mixtral's own numbers."""
+    torch.manual_seed(0)
+    mixtral, model = mixtral_and_twin(num_hidden_layers=1)
     input_ids, attention_mask = prompts()
     with torch.no_grad():
         expected = mixtral(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
         actual = model(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
     torch.testing.assert_close(actual.aux_loss, expected.aux_loss, atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.loss, expected.loss, atol=ATOL, rtol=0)
-    assert len(actual.router_logits) == len(expected.router_logits) == 3
-    for ours, theirs in zip(actual.router_logits, expected.router_logits):
-        torch.testing.assert_close(ours, theirs.unsqueeze(0), atol=ATOL, rtol=0)
 
 
 def test_qk_norm_one_track_model_is_qwen3():

@@ -146,6 +146,22 @@ def test_a_track_needs_only_its_own_weights():
         local(tracks[2:4], position_embeddings=position_embeddings)
 
 
+def test_load_balancing_loss_sees_layers_that_offset_each_other():
+    """Two sparse layers: the first sends every token to experts 0 and 1, the second to experts 2 and 3. Pooled over
+    the layers (Mixtral's function) that looks perfectly balanced; per router it is as unbalanced as top-2 of 4 can
+    be. Tokens' logits are one-hot-like so the numbers are known: pooled 2.0 (= k, balanced), per router 4.0."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from modeling_ptt.modeling_ptt import pt_load_balancing_loss
+
+    first = torch.tensor([20.0, 20.0, -20.0, -20.0]).expand(1, 64, 4)  # [tracks, tokens, experts]
+    second = first.flip(-1)
+    pooled = load_balancing_loss_func((first[0], second[0]), 4, 2)
+    ours = pt_load_balancing_loss((first, second), num_experts=4, top_k=2)
+    torch.testing.assert_close(pooled, torch.tensor(2.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours, torch.tensor(4.0), atol=1e-4, rtol=0)
+
+
 def test_training_lowers_the_loss_with_the_aux_loss_and_uses_every_expert():
     """A few AdamW steps on a fixed batch of random tokens: the loss (cross-entropy + coef * load-balancing loss,
     included whenever labels are given) falls, the routers get gradients, and every expert of every track receives
