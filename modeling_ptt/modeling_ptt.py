@@ -73,7 +73,13 @@ class PTTrackLinear(nn.Module):
 
     def forward(self, tracks: torch.Tensor) -> torch.Tensor:
         flat = tracks.reshape(tracks.shape[0], -1, self.in_features)
-        if self.bias is None:
+        if flat.device.type == "cpu" and flat.shape[1] <= 4:
+            # Decoding on CPU: BLAS streams the weight at memory speed only as the left factor of column-major
+            # tokens (`W @ x^T`); `x @ W^T` with a few rows runs at half that.
+            out = torch.bmm(self.weight, flat.transpose(1, 2)).transpose(1, 2).contiguous()
+            if self.bias is not None:
+                out += self.bias.unsqueeze(1)
+        elif self.bias is None:
             out = torch.bmm(flat, self.weight.transpose(1, 2))
         else:
             out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
