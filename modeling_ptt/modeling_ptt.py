@@ -211,7 +211,7 @@ class PTFoldedExperts:
         """One expert's SwiGLU of its `rows` `[m, d]` into `out` `[m, d]`, in the matmul forms CPU BLAS runs fastest:
         a weight streams at memory speed only as the left factor of column-major tokens, at least two of them (as
         `x @ W^T`, or as one column, a single-threaded gemv, the few rows of decoding take three times as long)."""
-        columns = (rows if len(rows) > 1 else rows.repeat(2, 1)).T
+        columns = (rows if len(rows) > 1 else torch.cat([rows, rows])).T
         gate, up = torch.mm(self.gate_up_proj[expert], columns).chunk(2)
         activations = self.act_fn(gate) * up  # [I, columns]
         if len(rows) >= 16:  # enough rows for every form to run alike: skip the transposing copies
