@@ -43,6 +43,31 @@ def test_track_weights_are_stacked_on_dim_zero():
     assert shapes["lm_head.weight"] == (config.vocab_size, d)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 33])
+def test_track_linear_is_one_linear_per_track_in_both_matmul_forms(rows, bias):
+    """Up to 4 rows per track (decoding) take the `W @ x^T` form on CPU, more take `x @ W^T`; both must be every
+    track's own nn.functional.linear, values and gradients (fp32, atol 1e-5)."""
+    from modeling_ptt.modeling_ptt import PTTrackLinear
+
+    torch.manual_seed(0)
+    layer = PTTrackLinear(3, 16, 24, bias=bias)
+    torch.nn.init.normal_(layer.weight)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    tracks = torch.randn(3, 1, rows, 16, requires_grad=True)
+    output = layer(tracks)
+    expected = torch.stack([
+        F.linear(tracks[t], layer.weight[t], layer.bias[t] if bias else None) for t in range(3)
+    ])
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    assert output.is_contiguous()
+    grads = torch.autograd.grad(output.square().sum(), [tracks, layer.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [tracks, layer.weight])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
 def test_labels_give_the_shifted_cross_entropy(input_ids):
     model = tiny_model()
     labels = input_ids.clone()
