@@ -205,6 +205,7 @@ class PTFoldedExperts:
                 self.expert_forward(expert, inputs.narrow(0, start, count), by_slot.narrow(0, start, count))
                 start += count
         by_slot.mul_(top_k_weights.flatten()[slots_by_expert, None].to(by_slot.dtype))
+        # one fresh buffer where unsorting and summing the k slots would take two (fresh memory is slow on CPU)
         return torch.zeros_like(hidden_states).index_add_(0, tokens_by_expert, by_slot)
 
     def expert_forward(self, expert: int, rows: torch.Tensor, out: torch.Tensor) -> None:
