@@ -293,16 +293,17 @@ def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def expert_token_shares(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> list:
+def expert_token_shares(
+    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device, top_k: int
+) -> list:
     """For every sparse layer, the share of its track's routed tokens each expert received: `[layer][track][expert]`
-    (1/E everywhere is perfectly even)."""
+    (1/E everywhere is perfectly even). `model` may be wrapped for DDP, so `top_k` comes from the caller's config."""
     was_training = model.training
     model.eval()
     counts = None
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size].to(device)
         router_logits = model(input_ids=batch, use_cache=False, output_router_logits=True).router_logits
-        top_k = model.config.num_experts_per_tok
         batch_counts = torch.stack([  # [layers, tracks, experts]
             torch.nn.functional.one_hot(layer.topk(top_k, dim=-1).indices, layer.shape[-1]).sum(dim=(1, 2))
             for layer in router_logits
@@ -514,7 +515,9 @@ def train(args) -> dict:
         "output_dir": str(output_dir),
     }
     if sparse:
-        summary["expert_token_shares"] = expert_token_shares(model, val_blocks, args.batch_size, accelerator.device)
+        summary["expert_token_shares"] = expert_token_shares(
+            model, val_blocks, args.batch_size, accelerator.device, config.num_experts_per_tok
+        )
     if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
         if not (output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
             save_checkpoint(accelerator, output_dir, step, position)

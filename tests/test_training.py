@@ -111,11 +111,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process(corpus, tmp_path):
+# PT-MoE without its load-balancing term, which is computed per process and so differs from one process's
+MOE_WITHOUT_AUX_LOSS = ["--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"), "--num-hidden-layers", "4",
+                        "--router-aux-loss-coef", "0"]
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_ddp_two_processes_match_one_process(corpus, tmp_path, model):
     """`accelerate launch` with 2 CPU processes (gloo) x batch 2 == 1 process x batch 4: DDP averages gradients of
-    the same 4 blocks per step (the sampler gives process r the r-th half of the single process's batch)."""
+    the same 4 blocks per step (the sampler gives process r the r-th half of the single process's batch). PT-MoE
+    also ends with the experts' token shares, computed through the DDP-wrapped model."""
     common = ["--data", str(corpus), *TINY, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
-              "--eval-blocks", "4"]
+              "--eval-blocks", "4", *(MOE_WITHOUT_AUX_LOSS if model == "moe" else [])]
     # accelerate's multi-process launcher is torchrun (`--cpu` alone would start one process); without GPUs
     # train.py runs the processes on the CPU over gloo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
