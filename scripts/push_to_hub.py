@@ -35,7 +35,9 @@ class NotAModelDir(ValueError):
     """DIR cannot be pushed as a PT model; the message says which file and why."""
 
 
-def load_pt_config(model_dir: Path) -> PTConfig:
+def load_pt_config(model_dir: Path) -> tuple[PTConfig, dict]:
+    """The PT config of `model_dir` and the fields its config.json itself holds (what the repo will get: PTConfig
+    fills in a missing `auto_map` that the uploaded file would still lack)."""
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise NotAModelDir(f"{model_dir} has no config.json: not a saved model directory")
@@ -47,7 +49,7 @@ def load_pt_config(model_dir: Path) -> PTConfig:
         raise NotAModelDir(f"{config_file} has model_type={raw.get('model_type')!r}, not a PT model "
                            f"(model_type={PTConfig.model_type!r})")
     try:
-        return PTConfig.from_pretrained(model_dir)
+        return PTConfig.from_pretrained(model_dir), raw
     except ValueError as err:  # PTConfig names the field that cannot work
         raise NotAModelDir(f"{config_file}: {err}") from err
 
@@ -93,8 +95,8 @@ def repo_files(model_dir: Path) -> tuple[PTConfig, list[str]]:
     """The PT config of `model_dir` and the files of it that make a complete repo; raises NotAModelDir."""
     if not model_dir.is_dir():
         raise NotAModelDir(f"{model_dir} is not a directory")
-    config = load_pt_config(model_dir)
-    auto_map = config.auto_map or {}
+    config, raw = load_pt_config(model_dir)
+    auto_map = raw.get("auto_map") or {}
     for auto_class in ("AutoConfig", "AutoModelForCausalLM"):
         if auto_class not in auto_map:
             raise NotAModelDir(f"{model_dir / 'config.json'} has no auto_map[{auto_class!r}]: without it the "

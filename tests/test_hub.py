@@ -276,6 +276,7 @@ def test_card_leaves_out_what_the_directory_does_not_hold(tmp_path):
     ("no_conversion", "imports a module that is missing"),
     ("no_weights", "has no model.safetensors"),
     ("no_auto_map", "has no auto_map['AutoModelForCausalLM']"),
+    ("auto_map_removed", "has no auto_map['AutoConfig']"),  # PTConfig would fill it in; the uploaded file would not
     ("tokenizer_without_vocabulary", "has tokenizer files (tokenizer_config.json) but no vocabulary"),
 ])
 def test_push_refuses_incomplete_directories(tmp_path, breakage, message):
@@ -284,6 +285,9 @@ def test_push_refuses_incomplete_directories(tmp_path, breakage, message):
     config = json.loads(config_file.read_text())
     if breakage == "no_config":
         config_file.unlink()
+    elif breakage == "auto_map_removed":
+        del config["auto_map"]
+        config_file.write_text(json.dumps(config))
     elif breakage in ("llama", "bad_layout", "no_auto_map"):
         config.update({"llama": {"model_type": "llama"}, "bad_layout": {"num_attention_heads": 3},
                        "no_auto_map": {"auto_map": {"AutoConfig": "configuration_ptt.PTConfig"}}}[breakage])
