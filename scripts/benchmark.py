@@ -60,7 +60,7 @@ from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from modeling_ptt import PTConfig, PTForCausalLM
-from modeling_ptt.distributed_ptt import CollectiveCounter
+from modeling_ptt.distributed_ptt import CollectiveCounter, init_track_parallel
 from modeling_ptt.modeling_ptt import CACHE_FIELD
 
 
@@ -153,11 +153,12 @@ def start_world(device: str) -> World:
         raise SystemExit("--device cuda: no CUDA device is visible")
     if size == 1:
         return World(1, 0, torch.device(device))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return World(size, dist.get_rank(), torch.device(device, local_rank) if device == "cuda" else torch.device(device))
+    # the process group and device of PT's track-parallel loading, so the prompts land where the tracks do
+    _, rank, track_device = init_track_parallel(size)
+    if track_device.type != device:
+        raise SystemExit(f"--device {device}: under a launcher the tracks load onto {track_device} (cuda:LOCAL_RANK "
+                         "whenever CUDA is visible; CUDA_VISIBLE_DEVICES= keeps them on the CPU)")
+    return World(size, rank, track_device)
 
 
 def llama_config(args) -> LlamaConfig:
@@ -544,10 +545,7 @@ def ratios_and_targets(rows: list[dict], world_size: int) -> tuple[dict, list[di
     for row in rows:
         row["ttft_vs_tensor_parallel"] = ratio(row["name"], "tensor_parallel", "ttft")
         row["tpot_vs_tensor_parallel"] = ratio(row["name"], "tensor_parallel", "tpot")
-        throughput, reference = row["throughput_tokens_per_s"], by_name.get("tensor_parallel", {}).get(
-            "throughput_tokens_per_s")
-        row["throughput_vs_tensor_parallel"] = (
-            throughput["median"] / reference["median"] if throughput and reference else None)
+        row["throughput_vs_tensor_parallel"] = throughput_ratio(row["name"], "tensor_parallel")
 
     measured_depths = [row["track_block_depth"] for row in rows if row["name"].startswith("pt_D")]
     if not measured_depths:
