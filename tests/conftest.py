@@ -1,6 +1,8 @@
-"""Tiny models shared by the tests: built from a seed, never downloaded."""
+"""Tiny models shared by the tests (built from a seed, never downloaded), and how tests start child processes."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,8 @@ from modeling_ptt import PTConfig, PTForCausalLM
 
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+LAUNCH_TIMEOUT_S = 60  # hard limit per multi-process job; each takes 15-30 s on 2 contended cores
 TINY = dict(
     vocab_size=97,
     hidden_size=32,
@@ -76,3 +80,32 @@ def run_without_package(code: str, cwd) -> subprocess.CompletedProcess:
         [sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
     )
+
+
+def child_env(**extra) -> dict:
+    """A child's environment: one thread, offline, this checkout importable, no launcher variables but `extra`."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_launcher(command: list[str], env: dict, timeout_s: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a launcher with a hard timeout; on a hang, kill its whole process group (the launcher AND its ranks)."""
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"{' '.join(command)} hung for {timeout_s}s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)

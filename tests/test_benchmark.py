@@ -7,17 +7,16 @@ files), never the timings: those belong to the benchmark's own output, taken on 
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import child_env, run_launcher
+
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
-TIMEOUT_S = 60  # hard limit per run: a hang fails instead of stalling CI (each takes 10-25 s on 2 busy cores)
 LAYERS = 4  # --quick's shape
 EXPERTS, TOP_K = 4, 2  # per track; pt_moe is merged at D = 8 (--moe-depth's default), as pt_D8
 # the experts kernel: transformers' default in one process (grouped_mm where it can dispatch, else eager), chosen
@@ -28,21 +27,13 @@ LATENCY_KEYS = {"median", "p10", "p90", "min", "max", "n"}
 
 
 def run_quick(tmp_path: Path, world_size: int) -> dict:
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     prefix = tmp_path / f"w{world_size}"
     launcher = [sys.executable] if world_size == 1 else [
         str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={world_size}"]
     command = [*launcher, str(BENCHMARK), "--quick", "--experts", str(EXPERTS), "--profile", "--out", str(prefix)]
     if EXPERTS_IMPLEMENTATION[world_size]:
         command += ["--experts-implementation", EXPERTS_IMPLEMENTATION[world_size]]
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"benchmark --quick with W={world_size} ran over {TIMEOUT_S}s:\n{hang.stdout}\n{hang.stderr}")
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    run_launcher(command, child_env())
     assert prefix.with_suffix(".png").stat().st_size > 10_000, "the plot was written"
     table = prefix.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in VARIANTS)

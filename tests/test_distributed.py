@@ -8,10 +8,7 @@ and compare it with the same checkpoint loaded in this process.
 
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +19,13 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DistributedConfig, PreTrainedTokenizerFast, set_seed
 
-from modeling_ptt import PTConfig, PTForCausalLM
+from conftest import LAUNCH_TIMEOUT_S, child_env, free_port, run_launcher, tiny_model
+from modeling_ptt import PTForCausalLM
 
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "track_parallel_worker.py"
 BIN = Path(sys.executable).parent
-LAUNCH_TIMEOUT_S = 60  # hard limit per multi-process job; each takes 15-30 s on 2 contended cores
 VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L=5: 3, 5 and 10 merges
 WORLD_SIZE = 2
 
@@ -43,47 +40,8 @@ MODELS = ("n2", "n4", "moe")
 
 
 def tiny_pt(num_tracks: int, seed: int = 0, **overrides) -> PTForCausalLM:
-    torch.manual_seed(seed)
-    config = PTConfig(**{
-        **dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=8,
-               num_key_value_heads=4, max_position_embeddings=128, track_block_depth=2, pad_token_id=0,
-               bos_token_id=None, eos_token_id=None),
-        "num_tracks": num_tracks, **overrides,
-    })
-    model = PTForCausalLM(config).eval()
-    with torch.no_grad():  # init leaves norms at one and logits flat; random everything exercises every weight
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
-    return model
-
-
-def child_env(**extra) -> dict:
-    """A child's environment: one thread, offline, this checkout importable, no launcher variables but `extra`."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_launcher(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    """Run a launcher with a hard timeout; on a hang, kill its whole process group (the launcher AND its ranks)."""
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    try:
-        stdout, stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        stdout, stderr = launcher.communicate()
-        pytest.fail(f"{' '.join(command)} hung for {LAUNCH_TIMEOUT_S}s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
-    assert launcher.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    return tiny_model(seed, num_tracks=num_tracks, **{"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None,
+                                                      **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +177,10 @@ def test_single_rank_track_parallel_load_equals_the_plain_load(checkpoints, inpu
     plain = load(checkpoints / name)
     sliced = load(checkpoints / name, distributed_config=DistributedConfig(tp_size=1))
     assert not dist.is_initialized()
-    assert dict(sliced.state_dict().items()).keys() == dict(plain.state_dict().items()).keys()
-    for key, value in plain.state_dict().items():
-        assert torch.equal(sliced.state_dict()[key], value), key
+    sliced_state, plain_state = sliced.state_dict(), plain.state_dict()
+    assert sliced_state.keys() == plain_state.keys()
+    for key, value in plain_state.items():
+        assert torch.equal(sliced_state[key], value), key
     with torch.no_grad():
         torch.testing.assert_close(sliced(**inputs_of).logits, plain(**inputs_of).logits, atol=1e-5, rtol=0)
     assert torch.equal(sliced.generate(**inputs_of, max_new_tokens=4, do_sample=False),
@@ -244,8 +203,9 @@ def test_dtypes_are_read_and_cast_like_the_plain_load(checkpoints, tmp_path):
         plain = PTForCausalLM.from_pretrained(path, **kwargs)
         sliced = PTForCausalLM.from_pretrained(path, tp_size=1, **kwargs)
         assert sliced.dtype == plain.dtype == torch.bfloat16
+        sliced_state = sliced.state_dict()
         for key, value in plain.state_dict().items():
-            assert torch.equal(sliced.state_dict()[key], value), key
+            assert torch.equal(sliced_state[key], value), key
 
 
 def test_tied_embeddings_stay_tied(tmp_path, inputs_of):

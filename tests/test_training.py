@@ -1,7 +1,6 @@
 """scripts/train.py: bad data, exact resume, atomic checkpoints, the saved model, DDP under accelerate, the demo."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import train  # noqa: E402
+from conftest import child_env, free_port, run_launcher  # noqa: E402
 
 
 # a two-track, two-layer model small enough for a few CPU seconds
@@ -105,12 +105,6 @@ def test_output_loads_through_auto_classes(corpus, tmp_path):
     assert text == "My lord, the king."
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # PT-MoE without its load-balancing term, which is computed per process and so differs from one process's
 MOE_WITHOUT_AUX_LOSS = ["--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"), "--num-hidden-layers", "4",
                         "--router-aux-loss-coef", "0"]
@@ -125,13 +119,12 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path, model):
               "--eval-blocks", "4", *(MOE_WITHOUT_AUX_LOSS if model == "moe" else [])]
     # accelerate's multi-process launcher is torchrun (`--cpu` alone would start one process); without GPUs
     # train.py runs the processes on the CPU over gloo
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     ddp = tmp_path / "ddp"
-    subprocess.run([*launch, str(ROOT / "scripts" / "train.py"), *common, "--output-dir", str(ddp),
-                    "--batch-size", "2"], env=env, check=True, timeout=180)
+    run_launcher([*launch, str(ROOT / "scripts" / "train.py"), *common, "--output-dir", str(ddp),
+                  "--batch-size", "2"], child_env(), timeout_s=180)
     single = tmp_path / "single"
     train.train(train.parse_args([*common, "--output-dir", str(single), "--batch-size", "4"]))
 
