@@ -101,7 +101,7 @@ def test_hidden_states_are_the_track_mean_after_every_layer(input_ids):
     assert model(input_ids).hidden_states is None
 
 
-def test_tied_embeddings_share_one_tensor(input_ids):
+def test_tied_embeddings_share_one_tensor():
     model = tiny_model(tie_word_embeddings=True)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 

@@ -11,7 +11,6 @@ a single-process run.
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -57,7 +56,6 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, trust_remote_code=True, distributed_config=DistributedConfig(tp_size=world_size), **overrides
         )
-        config = model.config
         result = {
             "class_module": type(model).__module__,
             "dtensor_parameters": [name for name, p in model.named_parameters() if isinstance(p, DTensor)],
@@ -94,10 +92,6 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
                 result["partial_save_refused"] = False
             except ValueError:
                 result["partial_save_refused"] = True
-        result["expected_merges"] = (
-            2 * config.num_hidden_layers if config.sync_mode == "tensor_parallel"
-            else math.ceil(config.num_hidden_layers / config.track_block_depth)
-        )
         observed[f"{model_dir}#{index}"] = result
     return observed
 
