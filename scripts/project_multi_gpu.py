@@ -207,9 +207,14 @@ def main():
     if config.num_tracks % args.world_size:
         parser.error(f"--world-size {args.world_size} must divide num_tracks={config.num_tracks}")
     sources = []
-    if args.compute in ("measured", "both"):
-        sources.append(json.loads(Path(args.measured).read_text())["compute"][0] if args.measured
-                       else measured_compute(config, args))
+    if args.compute in ("measured", "both") and args.measured:
+        measured = [entry for entry in json.loads(Path(args.measured).read_text())["compute"]
+                    if entry["source"].startswith("measured")]
+        if not measured:
+            parser.error(f"--measured {args.measured}: holds no measured compute (write it with --compute measured)")
+        sources.append(measured[0])
+    elif args.compute in ("measured", "both"):
+        sources.append(measured_compute(config, args))
     if args.compute in ("roofline", "both"):
         sources.append(roofline_compute(config, args))
 
