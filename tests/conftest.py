@@ -30,6 +30,14 @@ TINY = dict(
     num_tracks=4,
     track_block_depth=2,
 )
+# AFM's layer pattern in miniature on the suite's tiny shape (5 layers merged every 2, so the last block is shorter):
+# sliding RoPE layers, a global NoPE layer, dense and sparse FFNs, QK-norm.
+AFM_OPTIONS = dict(
+    qk_norm=True, sliding_window=4, no_rope_layers=[1, 1, 1, 0, 1],
+    layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"],
+    mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+)
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DistributedConfig, PreTrainedTokenizerFast, set_seed
 
-from conftest import LAUNCH_TIMEOUT_S, child_env, free_port, run_launcher, tiny_model
+from conftest import AFM_OPTIONS, LAUNCH_TIMEOUT_S, child_env, free_port, run_launcher, tiny_model
 from modeling_ptt import PTForCausalLM
 
 
@@ -28,14 +28,6 @@ WORKER = Path(__file__).resolve().parent / "track_parallel_worker.py"
 BIN = Path(sys.executable).parent
 VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L=5: 3, 5 and 10 merges
 WORLD_SIZE = 2
-
-
-# PT-MoE with the AFM layer options: experts, QK-norm and NoPE must not add any collective
-AFM_OPTIONS = dict(
-    qk_norm=True, no_rope_layers=[1, 1, 1, 0, 1], sliding_window=6,
-    layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-    mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
-)
 MODELS = ("n2", "n4", "moe")
 
 
@@ -49,7 +41,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("track_parallel")
     tiny_pt(2, seed=2).save_pretrained(root / "n2")
     tiny_pt(4, seed=4).save_pretrained(root / "n4", max_shard_size="20KB")  # several files and an index
-    tiny_pt(2, seed=6, **AFM_OPTIONS).save_pretrained(root / "moe")
+    tiny_pt(2, seed=6, **AFM_OPTIONS).save_pretrained(root / "moe")  # experts, QK-norm, NoPE: no extra collective
     input_ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(input_ids)
     input_ids[0, :3], attention_mask[0, :3] = 0, 0  # left padding

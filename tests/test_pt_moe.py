@@ -10,22 +10,12 @@ from transformers import Qwen3MoeConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
-from conftest import run_without_package, tiny_config, tiny_model
+from conftest import AFM_OPTIONS, run_without_package, tiny_config, tiny_model
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
-
-
-# AFM's layer pattern in miniature on the suite's tiny shape (5 layers merged every 2, so the last block is shorter):
-# sliding RoPE layers, a global NoPE layer, dense and sparse FFNs, QK-norm.
-AFM_OPTIONS = dict(
-    qk_norm=True, sliding_window=4, no_rope_layers=[1, 1, 1, 0, 1],
-    layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention"],
-    mlp_layer_types=["dense", "sparse", "dense", "sparse", "sparse"],
-    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-)
 
 
 def per_track_reference(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
