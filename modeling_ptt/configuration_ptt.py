@@ -218,9 +218,14 @@ class PTConfig(PreTrainedConfig):
     @property
     def num_sync_points(self) -> int:
         """Merges (all_reduce collectives when tracks sit on different devices) per forward."""
-        if self.sync_mode == "tensor_parallel":
-            return 2 * self.num_hidden_layers
-        return math.ceil(self.num_hidden_layers / self.track_block_depth)
+        return self.sync_point_count(self.num_hidden_layers, self.track_block_depth, self.sync_mode)
+
+    @staticmethod
+    def sync_point_count(num_hidden_layers: int, track_block_depth: int, sync_mode: str = "track_block") -> int:
+        """Merges per forward of any layout: `ceil(L/D)` for PT, `2L` (one per sublayer) for tensor parallelism."""
+        if sync_mode == "tensor_parallel":
+            return 2 * num_hidden_layers
+        return math.ceil(num_hidden_layers / track_block_depth)
 
     def is_sync_layer(self, layer_idx: int) -> bool:
         """Whether the tracks are merged after layer `layer_idx` (0-based)."""

@@ -41,7 +41,6 @@ timeout is `from_pretrained(..., process_group_timeout=seconds)`, else the envir
 starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HANDLING`, on by default) enforces it.
 """
 
-import collections
 import json
 import os
 import struct
@@ -50,7 +49,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
@@ -354,26 +352,3 @@ def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
             module.to_empty(device=device, recurse=False)
             model._init_weights(module)
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Count every collective that reaches the dispatcher while active: `with CollectiveCounter() as counter: ...`.
-
-    `counter.ops` maps `namespace.op` to calls. It sees both `c10d` ops (`torch.distributed.all_reduce`, what a PT
-    merge runs) and `_c10d_functional` ops (functional collectives, what DTensors such as transformers' own tensor
-    parallelism run), which a wrapper around `torch.distributed.all_reduce` would miss.
-    """
-
-    NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
-    NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}  # bookkeeping ops of the functional collectives
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in self.NAMESPACES:
-            name = func.__name__.split(".")[0]
-            if name not in self.NOT_COLLECTIVES:
-                self.ops[f"{func.namespace}.{name}"] += 1
-        return func(*args, **(kwargs or {}))

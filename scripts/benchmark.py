@@ -59,8 +59,9 @@ from tqdm.auto import tqdm
 from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
+from collectives import CollectiveCounter
 from modeling_ptt import PTConfig, PTForCausalLM
-from modeling_ptt.distributed_ptt import CollectiveCounter, init_track_parallel
+from modeling_ptt.distributed_ptt import init_track_parallel
 from modeling_ptt.modeling_ptt import CACHE_FIELD
 
 

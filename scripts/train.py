@@ -17,7 +17,7 @@ tokenized, joined with the end-of-text token and packed into blocks of `--block-
 Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr,
 tokens seen; val_* are null on steps without evaluation; the step-0 line also names the dataset), `loss_curve.png`,
 `checkpoint-{step}/` (the latest only), the final `save_pretrained` model with its tokenizer and remote code, and
-`validation.jsonl` (the held-out text, one document per line, what `scripts/evaluate.py` gives to lm-eval).
+`validation.jsonl` (the held-out text, one document per line, what `scripts/eval_perplexity.py` gives to lm-eval).
 """
 
 import argparse

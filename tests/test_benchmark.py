@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, run_launcher
+from helpers import child_env, run_launcher
 
 
 ROOT = Path(__file__).resolve().parent.parent

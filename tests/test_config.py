@@ -7,7 +7,7 @@ import torch
 
 from modeling_ptt import PTConfig, PTForCausalLM
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DistributedConfig, PreTrainedTokenizerFast, set_seed
 
-from conftest import AFM_OPTIONS, LAUNCH_TIMEOUT_S, child_env, free_port, run_launcher, tiny_model
+from helpers import AFM_OPTIONS, LAUNCH_TIMEOUT_S, ROOT, SUPPORT, child_env, free_port, run_launcher, tiny_model
 from modeling_ptt import PTForCausalLM
 
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "track_parallel_worker.py"
+WORKER = SUPPORT / "track_parallel_worker.py"
 BIN = Path(sys.executable).parent
 VARIANTS = [{}, {"track_block_depth": 1}, {"sync_mode": "tensor_parallel"}]  # L=5: 3, 5 and 10 merges
 WORLD_SIZE = 2

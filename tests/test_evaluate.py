@@ -1,39 +1,29 @@
-"""scripts/evaluate.py: lm-eval's hf client on a saved PT model, offline, against the model's own log-likelihood."""
+"""scripts/eval_perplexity.py: lm-eval's hf client on a saved PT model, offline, against the model's own log-likelihood."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
 pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra (make test installs it)")
-# by path and under another name: lm-eval's stack installs a package called `evaluate`
-spec = importlib.util.spec_from_file_location("ptt_evaluate", ROOT / "scripts" / "evaluate.py")
-evaluate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate)
 
+import eval_perplexity  # noqa: E402
 import train  # noqa: E402
-from test_training import TINY, corpus  # noqa: E402, F401  (the fixture)
+from helpers import TRAIN_ARGS  # noqa: E402
 
 
-def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
     model_dir = tmp_path / "model"
-    train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(model_dir), "--max-steps", "5", *TINY]))
+    train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(model_dir), "--max-steps", "5", *TRAIN_ARGS]))
     docs = ["Enter the King and his lords.", "Good morrow, my lord; how fares your grace?"]
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))
 
-    metrics = evaluate.evaluate(model_dir, data=data, max_length=64)
+    metrics = eval_perplexity.evaluate(model_dir, data=data, max_length=64)
 
     # oracle: each document fits one window, so lm-eval scores log p(doc | end-of-text) with the model as is
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -54,4 +44,4 @@ def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):  #
 def test_missing_held_out_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="validation.jsonl"):
-        evaluate.evaluate(tmp_path)
+        eval_perplexity.evaluate(tmp_path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,15 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import model_card
+import push_to_hub
+from helpers import ROOT, SUPPORT
+from hub_server import HubServer
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
-ROOT = Path(__file__).resolve().parent.parent
 # every module of the package is remote code: save_pretrained copies it beside the weights
 REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py") if path.name != "__init__.py"}
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import model_card  # noqa: E402
-import push_to_hub  # noqa: E402
-from hub_server import HubServer  # noqa: E402
 
 
 TOKEN, USER = "hf_test_token", "tester"
@@ -98,7 +94,7 @@ class Hub:
         spec = self.tmp / "jobs.json"
         spec.write_text(json.dumps({"input_ids": INPUT_IDS, "text": SENTENCES[0], "jobs": jobs}))
         env = {**self.pull_env, "HF_HUB_OFFLINE": "1" if offline else "0"}
-        result = run([str(TESTS / "hub_pull_worker.py"), str(spec)], env, cwd=self.tmp)
+        result = run([str(SUPPORT / "hub_pull_worker.py"), str(spec)], env, cwd=self.tmp)
         return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 

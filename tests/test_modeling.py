@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from modeling_ptt import PTForCausalLM, PTModel
 
-from conftest import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model
 
 
 def test_eager_and_sdpa_give_the_same_logits(input_ids):

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from modeling_ptt import PTForCausalLM
 
-from conftest import llama_config_like, tiny_llama, tiny_model
+from helpers import llama_config_like, tiny_llama, tiny_model
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from transformers import Qwen3MoeConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
-from conftest import AFM_OPTIONS, run_without_package, tiny_config, tiny_model
+from helpers import AFM_OPTIONS, run_without_package, tiny_config, tiny_model
 from modeling_ptt import PTConfig, PTForCausalLM
 
 

