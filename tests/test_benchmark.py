@@ -1,5 +1,5 @@
 """Smoke test of scripts/benchmark.py --quick --experts 4 (all variants, pt_moe included): one process and 2 gloo
-ranks under torchrun.
+ranks under torchrun; and what its presets stand for.
 
 It checks what the benchmark reports (the JSON schema, the collectives it counted per forward, the output check, the
 files), never the timings: those belong to the benchmark's own output, taken on a quiet machine.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmark
 from helpers import child_env, run_launcher
 
 
@@ -85,7 +86,7 @@ def test_collectives_per_forward(report):
             if world_size == 1:
                 assert counted == {}, (name, phase)
             elif name == "transformers_llama":
-                # transformers' TP (DESIGN section 7): o_proj and down_proj reduce, the LM head's logits are gathered;
+                # transformers' TP plan for Llama: o_proj and down_proj reduce, the LM head's logits are gathered;
                 # 5.24 also shards the embedding by vocabulary (one more all_reduce), 5.17 replicates it
                 embedding = {"_c10d_functional.all_reduce": 1} if "_c10d_functional.all_reduce" in counted else {}
                 assert counted == {"c10d.allreduce_": 2 * LAYERS, "_c10d_functional.all_gather_into_tensor": 1,
@@ -135,3 +136,25 @@ def test_pt_moe_has_the_dense_models_active_parameters_and_its_ratios(report):
     ttft = rows["pt_moe"]["ttft_ms"]["median"] / rows["pt_D8"]["ttft_ms"]["median"]
     assert targets["pt_moe TTFT / pt_D8"]["value"] == pytest.approx(ttft)
     assert targets["throughput pt_moe / pt_D8"]["target"] == ">= 0.90"
+
+
+# The flags each preset stands for, written out: the command lines the presets replaced.
+PRESET_FLAGS = {
+    "single_device": ["--num-tracks", "8", "--kv-heads", "8", "--variants", "pt_D8", "transformers_llama"],
+    "moe": ["--num-tracks", "4", "--layers", "4", "--hidden-size", "512", "--heads", "16", "--kv-heads", "16",
+            "--intermediate-size", "5888", "--vocab-size", "4096", "--experts", "8", "--experts-per-tok", "2",
+            "--depths", "2", "--moe-depth", "2", "--variants", "pt_D2", "pt_moe",
+            "--batch", "4", "--prompt-len", "256", "--new-tokens", "17", "--out", "benchmark-results/moe"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_FLAGS))
+@pytest.mark.parametrize("extra", [[], ["--quick"], ["--batch", "2", "--out", "elsewhere"]],
+                         ids=["alone", "quick", "overridden"])
+def test_a_preset_is_its_flags_and_explicit_flags_win(preset, extra):
+    chosen = vars(benchmark.parse_args(["--preset", preset, *extra]))
+    spelled_out = vars(benchmark.parse_args([*PRESET_FLAGS[preset], *extra]))
+    assert chosen.pop("preset") == preset and spelled_out.pop("preset") is None
+    assert chosen == spelled_out
+    if "--batch" in extra:
+        assert (chosen["batch"], chosen["out"]) == (2, "elsewhere")
