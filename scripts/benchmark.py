@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+# sibling modules of scripts/ by name: Python puts a script's own folder on sys.path
 from benchmark_harness import (
     Prompts,
     bare_all_reduce,

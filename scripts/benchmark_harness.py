@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
+# sibling modules of scripts/ by name (Python puts a script's own folder on sys.path); the model code from the
+# installed package
 from benchmark_report import spread, throughput_spread
 from collectives import CollectiveCounter
 from modeling_ptt import PTConfig, PTForCausalLM

@@ -5,7 +5,7 @@ Trains a small PT model (4 tracks, 4 layers, merged every D=2 layers) from scrat
 `scripts/train.py`, prints validation perplexity before and after next to the unigram baseline, reloads the saved
 directory through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` (the model's own code saved
 beside the weights, not this package), generates a few lines, and counts the sync points against tensor
-parallelism. `--quick` is the one-minute version CI runs.
+parallelism. `--quick` is the short version CI runs.
 """
 
 import argparse
@@ -24,7 +24,8 @@ PROMPTS = ["KING. My lords,", "Enter Hamlet.\n\n  Ham. To be, or not"]
 
 
 def train_demo_model(output_dir: str, max_steps: int) -> dict:
-    sys.path.insert(0, str(SCRIPTS))
+    # a sibling script (Python puts this script's folder on sys.path), imported here rather than at the top: it
+    # imports modeling_ptt, which the reload process must never see
     import train
 
     print(f"== training a PT model on the Shakespeare plays ({max_steps} steps, {torch.get_num_threads()} threads)")
@@ -56,15 +57,16 @@ def reload_and_generate(model_dir: str) -> None:
                                 pad_token_id=tokenizer.eos_token_id)
         print(f"--- {prompt!r}\n{tokenizer.decode(output[0], skip_special_tokens=True)}")
 
-    config = model.config
+    config = model.config  # the saved code's config class: it counts sync points as PTConfig does
+    tensor_parallel = config.sync_point_count(config.num_hidden_layers, config.track_block_depth, "tensor_parallel")
     print(f"\n== sync points per forward with the tracks on {config.num_tracks} devices: "
-          f"{config.num_sync_points} (PT, D={config.track_block_depth}) vs {2 * config.num_hidden_layers} "
+          f"{config.num_sync_points} (PT, D={config.track_block_depth}) vs {tensor_parallel} "
           f"(tensor parallelism, 2 per layer)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about a minute: fewer steps (CI)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (CI)")
     parser.add_argument("--output-dir", default=str(SCRIPTS.parent / "outputs" / "demo"))
     parser.add_argument("--max-steps", type=int, help="default: 1000, or 150 with --quick")
     parser.add_argument("--reload-only", action="store_true", help="only reload OUTPUT_DIR and generate")

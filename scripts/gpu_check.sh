@@ -27,7 +27,13 @@ else
 fi
 OUT=${1:-gpu-check-results}
 PYTHON=${PYTHON:-python}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1
+# the scripts import the model code from the installed package, as every script does
+if ! "$PYTHON" -c "import modeling_ptt" 2>/dev/null; then
+    echo "gpu_check: $PYTHON cannot import modeling_ptt; install it first, offline:" \
+         "$PYTHON -m pip install --no-deps --no-build-isolation -e ." >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 
 {

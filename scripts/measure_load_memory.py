@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 
-ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
 
 
@@ -111,24 +110,27 @@ def main():
         build(warmup_dir, width=128, vocab_size=256)
         track, shared = expected_bytes(model_dir)
         print(f"{model_dir}: track-stacked {track / MB:.1f} MB, shared {shared / MB:.1f} MB")
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         runs = [("transformers", 1, [sys.executable])] + [
             (f"W={w}", w, [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={w}"])
             for w in args.world_sizes
         ]
         print(f"{'load':>12} {'rank':>4} {'expected MB':>11} {'peak growth MB':>14} {'ratio':>6} {'params MB':>9}")
         for label, world_size, launcher in runs:
-            out = Path(tmp) / label
-            command = launcher + [__file__, "--child", "--model", str(model_dir), "--warmup", str(warmup_dir),
-                                  "--out", str(out)]
-            subprocess.run(command + (["--plain"] if label == "transformers" else []), env=env, check=True,
-                           stdout=subprocess.DEVNULL)
             expected = track / world_size + shared
-            for rank in range(world_size):
-                record = json.loads(Path(f"{out}.rank{rank}").read_text())
+            for rank, record in enumerate(load(label, world_size, launcher, model_dir, warmup_dir, Path(tmp))):
                 print(f"{label:>12} {rank:>4} {expected / MB:>11.1f} {record['peak_growth'] / MB:>14.1f} "
                       f"{record['peak_growth'] / expected:>6.3f} {record['parameter_bytes'] / MB:>9.1f}")
+
+
+def load(label: str, world_size: int, launcher: list[str], model_dir: Path, warmup_dir: Path, tmp: Path) -> list:
+    """Every rank's record of one load, run as `launcher` on this script's `child`."""
+    out = tmp / label
+    command = [*launcher, __file__, "--child", "--model", str(model_dir), "--warmup", str(warmup_dir),
+               "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run(command + (["--plain"] if label == "transformers" else []), env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(world_size)]
 
 
 if __name__ == "__main__":

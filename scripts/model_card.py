@@ -42,6 +42,10 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def per_track(total: int, share: int) -> str:
+    return f"{fmt(total)} / {fmt(share)}"
+
+
 def count_parameters(weight_files: list[Path]) -> int:
     """Parameters stored in the safetensors files (a tied LM head is stored once and counted once)."""
     total = 0
@@ -52,8 +56,8 @@ def count_parameters(weight_files: list[Path]) -> int:
 
 
 def architecture(config, num_parameters: int) -> dict:
-    n, tp_syncs = config.num_tracks, 2 * config.num_hidden_layers
-    syncs = config.num_sync_points
+    n, syncs = config.num_tracks, config.num_sync_points
+    tp_syncs = config.sync_point_count(config.num_hidden_layers, config.track_block_depth, "tensor_parallel")
     fewer = f", {tp_syncs / syncs:.3g}x fewer" if syncs < tp_syncs else ""
     rows = [
         ("Tracks", fmt(n)),
@@ -61,10 +65,11 @@ def architecture(config, num_parameters: int) -> dict:
         ("Sync mode", f"`{config.sync_mode}`"),
         ("Layers per track", fmt(config.num_hidden_layers)),
         ("Hidden size (every track carries the full residual stream)", fmt(config.hidden_size)),
-        ("Attention heads: total / per track", f"{config.num_attention_heads} / {config.num_attention_heads_per_track}"),
-        ("KV heads: total / per track", f"{config.num_key_value_heads} / {config.num_key_value_heads_per_track}"),
+        ("Attention heads: total / per track", per_track(config.num_attention_heads,
+                                                         config.num_attention_heads_per_track)),
+        ("KV heads: total / per track", per_track(config.num_key_value_heads, config.num_key_value_heads_per_track)),
         ("Head dim", fmt(config.head_dim)),
-        ("FFN width: total / per track", f"{fmt(config.intermediate_size)} / {fmt(config.intermediate_size_per_track)}"),
+        ("FFN width: total / per track", per_track(config.intermediate_size, config.intermediate_size_per_track)),
         ("Vocabulary", fmt(config.vocab_size)),
         ("Max positions", fmt(config.max_position_embeddings)),
         ("Parameters", fmt(num_parameters)),

@@ -44,6 +44,7 @@ PAPER = {
     "tensor_parallel": {"ttft_ms": 69.0, "tpot_ms": 8.80, "throughput_tok_s": 865.0},
     "pt_D8": {"ttft_ms": 54.0, "tpot_ms": 8.42, "throughput_tok_s": 1141.0},
 }
+PAPER_DEPTH = 8  # the D of the paper's PT rows
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -149,7 +150,9 @@ def project(config: PTConfig, compute: dict, comm: dict, args) -> dict:
     layers = config.num_hidden_layers
     logits_gather = collective_s(args.batch * config.vocab_size * size, w, comm, 1.0)
     rows = {}
-    for name, syncs in [("tensor_parallel", 2 * layers)] + [(f"pt_D{d}", math.ceil(layers / d)) for d in args.depths]:
+    schedules = [("tensor_parallel", layers, "tensor_parallel")] + [(f"pt_D{d}", d, "track_block") for d in args.depths]
+    for name, depth, sync_mode in schedules:
+        syncs = PTConfig.sync_point_count(layers, depth, sync_mode)
         row = {"syncs": syncs}
         for phase, tokens, key in (("prefill", args.prompt_len, "ttft"), ("decode", 1, "tpot")):
             all_reduce = collective_s(args.batch * tokens * config.hidden_size * size, w, comm, 2.0)
@@ -169,7 +172,8 @@ def implied_by_paper(config: PTConfig, args) -> dict:
     """If TP and PT D=8 computed the same, the paper's differences are (2L - ceil(L/8)) all-reduces: solve for the
     latency (decode: B x d, bandwidth negligible) and the bus bandwidth (prefill: B x 1024 x d)."""
     layers, size, w = config.num_hidden_layers, BYTES["bfloat16"], args.world_size
-    saved = 2 * layers - math.ceil(layers / 8)
+    saved = (PTConfig.sync_point_count(layers, PAPER_DEPTH, "tensor_parallel")
+             - PTConfig.sync_point_count(layers, PAPER_DEPTH, "track_block"))
     per_decode_s = (PAPER["tensor_parallel"]["tpot_ms"] - PAPER["pt_D8"]["tpot_ms"]) / 1000 / saved
     per_prefill_s = (PAPER["tensor_parallel"]["ttft_ms"] - PAPER["pt_D8"]["ttft_ms"]) / 1000 / saved
     prefill_bytes = 1 * 1024 * config.hidden_size * size
@@ -178,7 +182,7 @@ def implied_by_paper(config: PTConfig, args) -> dict:
             "prefill_all_reduce_us": 1e6 * per_prefill_s, "implied_bus_bandwidth_gbps": bandwidth / 1e9}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configuration" / "ptt-30b.json"))
     parser.add_argument("--world-size", type=int, default=8, help="GPUs W (one track each when W = num_tracks)")
@@ -201,11 +205,11 @@ def main():
     compute.add_argument("--hbm-tbps", type=float, default=3.35, help="H100 SXM HBM3")
     compute.add_argument("--bandwidth-efficiency", type=float, default=0.7)
     parser.add_argument("--json", help="write inputs, assumptions and projections here")
-    args = parser.parse_args()
+    return parser
 
-    config = PTConfig.from_json_file(args.config)
-    if config.num_tracks % args.world_size:
-        parser.error(f"--world-size {args.world_size} must divide num_tracks={config.num_tracks}")
+
+def compute_sources(config: PTConfig, args, parser: argparse.ArgumentParser) -> list[dict]:
+    """The per-layer compute to project from: measured here (or taken from an earlier --json), the roofline, or both."""
     sources = []
     if args.compute in ("measured", "both") and args.measured:
         measured = [entry for entry in json.loads(Path(args.measured).read_text())["compute"]
@@ -217,7 +221,10 @@ def main():
         sources.append(measured_compute(config, args))
     if args.compute in ("roofline", "both"):
         sources.append(roofline_compute(config, args))
+    return sources
 
+
+def print_assumptions(config: PTConfig, args) -> None:
     print("PROJECTION, not a measurement. Assumptions:")
     print(f"  shape {Path(args.config).name}: L={config.num_hidden_layers} d={config.hidden_size} "
           f"H={config.num_attention_heads} K={config.num_key_value_heads} I={config.intermediate_size} "
@@ -228,6 +235,43 @@ def main():
           "gather the vocab-parallel logits once")
     print("  all_reduce(bytes) = latency + 2(W-1)/W * bytes / bus bandwidth (ring), all_gather: (W-1)/W; no overlap "
           "of communication with compute; no serving-engine overhead (scheduler, sampling, CPU launch gaps)")
+
+
+def print_projection(comm: dict, rows: dict) -> None:
+    print(f"  all-reduce: {comm['latency_us']:.1f} us + bytes / {comm['bus_bandwidth_gbps']:.0f} GB/s "
+          f"({comm['name']})")
+    print(f"    {'':16} {'syncs':>5} {'TTFT ms':>9} {'/TP':>5} {'comm%':>6} {'TPOT ms':>9} {'/TP':>5} "
+          f"{'comm%':>6} | paper TTFT  TPOT")
+    for name, row in rows.items():
+        paper = PAPER.get(name, {})
+        paper_text = f"{paper['ttft_ms']:>10.1f} {paper['tpot_ms']:>5.2f}" if paper else f"{'–':>10} {'–':>5}"
+        print(f"    {name:16} {row['syncs']:>5} {row['ttft_ms']:>9.2f} {row['ttft_vs_tp']:>5.2f} "
+              f"{100 * row['ttft_comm_share']:>5.1f}% {row['tpot_ms']:>9.3f} {row['tpot_vs_tp']:>5.2f} "
+              f"{100 * row['tpot_comm_share']:>5.1f}% | {paper_text}")
+
+
+def print_paper(config: PTConfig, implied: dict) -> None:
+    paper_ratio = {key: PAPER["pt_D8"][key] / PAPER["tensor_parallel"][key] for key in ("ttft_ms", "tpot_ms")}
+    paper_throughput = PAPER["pt_D8"]["throughput_tok_s"] / PAPER["tensor_parallel"]["throughput_tok_s"]
+    print(f"\npaper (vLLM, 8x H100, 30B): PT D=8 / TP: TTFT {paper_ratio['ttft_ms']:.2f}, TPOT "
+          f"{paper_ratio['tpot_ms']:.3f}; throughput 4096 in / 128 out "
+          f"{PAPER['tensor_parallel']['throughput_tok_s']:.0f} -> {PAPER['pt_D8']['throughput_tok_s']:.0f} tok/s "
+          f"({100 * (paper_throughput - 1):+.1f} %), 1024 in / 4096 out -6.6 % (not projected: "
+          "it depends on the engine's batching)")
+    print(f"if TP and PT computed the same, the paper's {implied['saved_all_reduces']} saved all-reduces cost "
+          f"{implied['decode_all_reduce_us']:.1f} us each in decode (latency) and "
+          f"{implied['prefill_all_reduce_us']:.0f} us each in prefill ({1024 * config.hidden_size * 2 / 1e6:.1f} MB: "
+          f"bus bandwidth {implied['implied_bus_bandwidth_gbps']:.0f} GB/s)")
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    config = PTConfig.from_json_file(args.config)
+    if config.num_tracks % args.world_size:
+        parser.error(f"--world-size {args.world_size} must divide num_tracks={config.num_tracks}")
+    sources = compute_sources(config, args, parser)
+    print_assumptions(config, args)
     implied = implied_by_paper(config, args)
     comm_models = [
         {"name": "flags", "latency_us": args.latency_us, "bus_bandwidth_gbps": args.bus_bandwidth_gbps},
@@ -244,27 +288,8 @@ def main():
         for comm in comm_models:
             rows = project(config, compute_source, comm, args)
             results["projection"].append({"compute": compute_source["source"], "comm": comm, "rows": rows})
-            print(f"  all-reduce: {comm['latency_us']:.1f} us + bytes / {comm['bus_bandwidth_gbps']:.0f} GB/s "
-                  f"({comm['name']})")
-            print(f"    {'':16} {'syncs':>5} {'TTFT ms':>9} {'/TP':>5} {'comm%':>6} {'TPOT ms':>9} {'/TP':>5} "
-                  f"{'comm%':>6} | paper TTFT  TPOT")
-            for name, row in rows.items():
-                paper = PAPER.get(name, {})
-                paper_text = (f"{paper['ttft_ms']:>10.1f} {paper['tpot_ms']:>5.2f}" if paper
-                              else f"{'–':>10} {'–':>5}")
-                print(f"    {name:16} {row['syncs']:>5} {row['ttft_ms']:>9.2f} {row['ttft_vs_tp']:>5.2f} "
-                      f"{100 * row['ttft_comm_share']:>5.1f}% {row['tpot_ms']:>9.3f} {row['tpot_vs_tp']:>5.2f} "
-                      f"{100 * row['tpot_comm_share']:>5.1f}% | {paper_text}")
-    paper_ratio = {key: PAPER["pt_D8"][key] / PAPER["tensor_parallel"][key] for key in ("ttft_ms", "tpot_ms")}
-    print(f"\npaper (vLLM, 8x H100, 30B): PT D=8 / TP: TTFT {paper_ratio['ttft_ms']:.2f}, TPOT "
-          f"{paper_ratio['tpot_ms']:.3f}; throughput 4096 in / 128 out "
-          f"{PAPER['tensor_parallel']['throughput_tok_s']:.0f} -> {PAPER['pt_D8']['throughput_tok_s']:.0f} tok/s "
-          "(+31.9 %), 1024 in / 4096 out -6.6 % (not projected: "
-          "it depends on the engine's batching)")
-    print(f"if TP and PT computed the same, the paper's {implied['saved_all_reduces']} saved all-reduces cost "
-          f"{implied['decode_all_reduce_us']:.1f} us each in decode (latency) and "
-          f"{implied['prefill_all_reduce_us']:.0f} us each in prefill ({1024 * config.hidden_size * 2 / 1e6:.1f} MB: "
-          f"bus bandwidth {implied['implied_bus_bandwidth_gbps']:.0f} GB/s)")
+            print_projection(comm, rows)
+    print_paper(config, implied)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

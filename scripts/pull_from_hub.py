@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None):
     # the cache keeps every file under snapshots/<commit id>/: the commit the revision resolved to
     commit = Path(hf_hub_download(args.repo_id, "config.json", revision=args.revision)).parent.name
     print(f"loaded {args.repo_id} @ {commit} as {type(model).__module__}.{type(model).__name__}")
+    parameters = sum(p.numel() for p in model.parameters())
     print(f"{config.num_tracks} tracks x {config.num_hidden_layers} layers, D={config.track_block_depth}: "
-          f"{config.num_sync_points} sync points per forward; {sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{config.num_sync_points} sync points per forward; {parameters:,} parameters")
     if args.input_ids is not None or tokenizer is None:
         input_ids = torch.tensor([args.input_ids or [1, 2, 3]])
     else:

@@ -22,7 +22,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from model_card import BENCHMARK, TRAINING_LOG, build_model_card
+from model_card import BENCHMARK, TRAINING_LOG, build_model_card  # a sibling: this script's folder is on sys.path
 from modeling_ptt import PTConfig
 
 

@@ -6,7 +6,7 @@ seed) and the same optimiser settings. The comparison that isolates PT's effect 
 `sync_mode="tensor_parallel"` at the same n: both have the same parametrisation (the mean-merge scales every track's
 sublayer output by 1/n) and tensor_parallel is dense maths, so D is the only difference. The plain dense
 `num_tracks=1` model is reported separately, once as is and once with o_proj/down_proj init and LR scaled by 1/n
-(`--output-proj-scale`), the scale under which it matches tensor_parallel (DESIGN §8).
+(`--output-proj-scale`), the scale under which it matches tensor_parallel.
 
 Runs go seed by seed (all configurations of seed 0 first), one at a time; finished runs are kept in
 `results.jsonl` and skipped when the sweep is started again, and the table and plot are rewritten after every run,
@@ -19,13 +19,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
+import train  # a sibling script: Python puts this script's folder on sys.path
+from modeling_ptt import PTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def configurations(num_tracks: list[int], depths: list[int]) -> list[tuple[str, dict]]:
@@ -160,9 +160,9 @@ def plot(rows: list[dict], path: Path, depths: list[int]) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=str(train.ROOT / "outputs" / "quality_sweep"))
+    parser.add_argument("--output-dir", default=str(ROOT / "outputs" / "quality_sweep"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-tracks", type=int, nargs="+", default=[4], help="PT widths to sweep (e.g. 4 2)")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -176,8 +176,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored (0: all)")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--report-only", action="store_true", help="rewrite table and plot from results.jsonl")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def run_one(label: str, overrides: dict, seed: int, output_dir: Path, tokenizer_dir: Path, args) -> dict:
+    """Train one configuration of one seed; its record for results.jsonl."""
+    run_dir = output_dir / "runs" / f"{label.replace(' ', '_').replace(',', '').replace('/', '')}_seed{seed}"
+    summary = train.train(train.parse_args(train_argv(overrides, seed, run_dir, tokenizer_dir, args)))
+    config = PTConfig.from_pretrained(run_dir)
+    return {"label": label, "seed": seed, "num_tracks": config.num_tracks,
+            "depth": config.track_block_depth if label.startswith("PT") else None,
+            "sync_points": config.num_sync_points if config.num_tracks > 1 else 0, **summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_tokenizer(output_dir, args)
@@ -192,19 +205,12 @@ def main(argv: list[str] | None = None) -> None:
 
     for seed in [] if args.report_only else args.seeds:
         for label, overrides in runs:
-            results = train.read_log(results_path)
-            if any(r["label"] == label and r["seed"] == seed for r in results):
+            if any(r["label"] == label and r["seed"] == seed for r in train.read_log(results_path)):
                 continue
-            run_dir = output_dir / "runs" / f"{label.replace(' ', '_').replace(',', '').replace('/', '')}_seed{seed}"
-            run_args = train.parse_args(train_argv(overrides, seed, run_dir, tokenizer_dir, args))
-            summary = train.train(run_args)
-            config = train.PTConfig.from_pretrained(run_dir)
-            record = {"label": label, "seed": seed, "num_tracks": config.num_tracks,
-                      "depth": config.track_block_depth if label.startswith("PT") else None,
-                      "sync_points": config.num_sync_points if config.num_tracks > 1 else 0, **summary}
+            record = run_one(label, overrides, seed, output_dir, tokenizer_dir, args)
             with open(results_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            print(f"{label} seed {seed}: val loss {summary['val_loss']:.4f} ({summary['wall_s']:.0f} s)", flush=True)
+            print(f"{label} seed {seed}: val loss {record['val_loss']:.4f} ({record['wall_s']:.0f} s)", flush=True)
             report()
     report()
 
