@@ -52,7 +52,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_ptt import PTConfig
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
-from .distributed_ptt import load_track_parallel, track_parallel_size
+from .distributed_ptt import check_safetensors_checkpoint, load_track_parallel, track_parallel_size
 
 
 # transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
@@ -447,9 +447,13 @@ class PTPreTrainedModel(PreTrainedModel):
         shared embedding, norm and head. W must divide `num_tracks`. `process_group_timeout` (seconds) bounds how
         long a rank waits for a dead peer. See `distributed_ptt` for why this does not go through transformers'
         DTensor tensor-parallel loader.
+
+        Either way a truncated or corrupt safetensors file, or a tensor stored as an integer or boolean, is refused
+        before any weight loads, with an error that names the file (and the tensor).
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
+            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
