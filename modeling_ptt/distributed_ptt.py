@@ -242,8 +242,8 @@ class SafetensorsRows:
         for name, entry in self.entries.items():
             if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
                     and is_int_list(entry.get("shape")) and is_int_list(entry.get("data_offsets"), length=2)):
-                raise self.corrupt(f"header entry {name!r} is not a tensor's dtype (one of {list(SAFETENSORS_DTYPES)}), "
-                                   f"shape and data_offsets: {str(entry)[:200]}")
+                raise self.corrupt(f"header entry {name!r} is not a tensor's dtype (one of "
+                                   f"{list(SAFETENSORS_DTYPES)}), shape and data_offsets: {str(entry)[:200]}")
         end_of_previous = 0
         for name, entry in sorted(self.entries.items(), key=lambda item: item[1]["data_offsets"]):
             begin, end = entry["data_offsets"]
@@ -344,7 +344,7 @@ def check_safetensors_checkpoint(path: str, kwargs: dict) -> None:
     transformers would report the first as a bare safetensors error that names no file, and load the second cast to
     float. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is left to transformers.
     """
-    if any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant")) or \
+    if path is None or any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant")) or \
             kwargs.get("use_safetensors") is False:
         return
     hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}

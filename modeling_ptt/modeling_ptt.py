@@ -456,8 +456,9 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index:
     low, high = torch.stack(valid.aminmax()).tolist()
     if low < 0 or high >= vocab_size:
         position = tuple(((valid < 0) | (valid >= vocab_size)).nonzero()[0].tolist())
-        allowed = f"[0, vocab_size={vocab_size})" + (f" or {ignore_index} (ignored)" if ignore_index is not None else "")
-        raise ValueError(f"{name} holds token id {ids[position].item()} at position {position}: ids must be in {allowed}")
+        allowed = f"[0, vocab_size={vocab_size})" + ("" if ignore_index is None else f" or {ignore_index} (ignored)")
+        raise ValueError(f"{name} holds token id {ids[position].item()} at position {position}: ids must be in "
+                         f"{allowed}")
 
 
 def check_inputs(
@@ -530,8 +531,8 @@ def check_generate_inputs(config: PTConfig, generation_config, args: tuple, kwar
                                                                                  generation_config.max_length)
     if total > config.max_position_embeddings:
         logger.warning_once(
-            f"generate(): the prompt ({prompt} tokens) plus max_new_tokens ({total - prompt}) reaches position {total}, "
-            f"beyond max_position_embeddings={config.max_position_embeddings}. The model computes those positions "
+            f"generate(): the prompt ({prompt} tokens) plus max_new_tokens ({total - prompt}) reaches position "
+            f"{total}, beyond max_position_embeddings={config.max_position_embeddings}. The model computes those positions "
             "(RoPE needs no table), but was not trained on them: expect the text to degrade past that point."
         )
 

@@ -1,4 +1,4 @@
-"""Bad input gets an early error that names it: broken checkpoints, bad model inputs, and paths the scripts cannot write.
+"""Bad input gets an early error that names it: broken checkpoints, bad model inputs, paths the scripts cannot write.
 
 Each case is compared with what the unchecked code did (an anonymous safetensors/IndexError/reshape error, a silent
 cast or a silently accepted mask, a script that exits 0 having written nothing); valid inputs next to them must keep
@@ -223,7 +223,8 @@ def test_token_ids_are_read_at_generate_entry_and_prefill_only(model, monkeypatc
     whatever the number of new tokens, with a dynamic and a static cache."""
     reads = []
     check = modeling.check_token_ids
-    monkeypatch.setattr(modeling, "check_token_ids", lambda name, *args, **kw: reads.append(name) or check(name, *args, **kw))
+    monkeypatch.setattr(modeling, "check_token_ids",
+                        lambda name, *args, **kwargs: reads.append(name) or check(name, *args, **kwargs))
     for cache_implementation in (None, "static"):
         reads.clear()
         model.generate(IDS, max_new_tokens=6, min_new_tokens=6, do_sample=False,
