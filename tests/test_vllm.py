@@ -29,7 +29,6 @@ from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
 from train import train_tokenizer  # noqa: E402
 
 
-pytestmark = pytest.mark.vllm
 ENGINE_TIMEOUT_S = 420  # one engine start (1-2 min on 2 contended cores) and every check run against it
 PROMPT_TEXTS = [
     "To be, or not to be, that is the question:",
@@ -134,11 +133,22 @@ ENGINES = {
 }
 
 
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory, tokenizer) -> dict:
+    """Engines by name, each started on first use only, so the server test reuses the checkpoint and answers."""
+
+    class Engines(dict):
+        def __missing__(self, name: str) -> Engine:
+            world_size, overrides = ENGINES[name]
+            self[name] = Engine(tmp_path_factory.mktemp(name), tokenizer, world_size, seed=len(name), **overrides)
+            return self[name]
+
+    return Engines()
+
+
 @pytest.fixture(scope="module", params=list(ENGINES))
-def engine(request, tmp_path_factory, tokenizer) -> Engine:
-    world_size, overrides = ENGINES[request.param]
-    return Engine(tmp_path_factory.mktemp(request.param), tokenizer, world_size, seed=len(request.param),
-                  **overrides)
+def engine(request, engines) -> Engine:
+    return engines[request.param]
 
 
 def test_greedy_tokens_equal_transformers_generate(engine):
@@ -185,3 +195,92 @@ def test_every_rank_holds_and_reads_only_its_tracks(engine):
             expected = [n // W, *full[name][1:]] if name.startswith("model.layers.") else full[name]
             assert shape == expected, name
         assert loaded["bytes_read"] == checkpoint_bytes - track_bytes + track_bytes // W
+
+
+def test_tensor_parallel_size_not_dividing_num_tracks_fails_in_llm(tmp_path, tokenizer):
+    """vLLM itself accepts W=4 here (it divides the heads and KV heads); the plugin refuses it before any worker
+    starts, and the caller of LLM(...) sees why."""
+    save_checkpoint(tmp_path / "model", tokenizer, seed=0, num_tracks=2)
+    code = (f"from vllm import LLM\nif __name__ == '__main__':\n    LLM(model={str(tmp_path / 'model')!r}, "
+            "tensor_parallel_size=4, dtype='float32', enforce_eager=True, max_model_len=128)")
+    child = subprocess.Popen([sys.executable, "-c", code], env=vllm_env(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = child.communicate(timeout=ENGINE_TIMEOUT_S)
+    finally:
+        kill_group(child)
+    assert child.returncode != 0
+    assert "ValueError: tensor_parallel_size=4 does not divide num_tracks=2" in output, output[-3000:]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_vllm_serve_answers_like_the_offline_engine(engines, tokenizer, tmp_path):
+    """`vllm serve DIR --tensor-parallel-size 2`: the OpenAI completions endpoint gives the offline greedy text, bad
+    requests get vLLM's own errors and the server keeps serving, and it shuts down leaving no process behind."""
+    offline = engines["w2_d2"]
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(offline.model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--tensor-parallel-size", "2", "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "128", "--served-model-name", "pt"]
+    log = tmp_path / "serve.log"  # a file, not a pipe nobody reads while the server logs
+    with log.open("w") as log_file:
+        server = subprocess.Popen(command, env=vllm_env(2), stdout=log_file, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while True:
+            assert server.poll() is None, f"vllm serve exited:\n{log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, "vllm serve was not ready in time"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(2)
+
+        greedy = {"model": "pt", "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+        for text, ids in zip(PROMPT_TEXTS[:2], offline.answers["solo"]):
+            status, body = post(f"{base}/v1/completions", {**greedy, "prompt": text})
+            assert status == 200, body
+            assert body["choices"][0]["text"] == tokenizer.decode(ids)
+
+        status, body = post(f"{base}/v1/completions", {**greedy, "prompt": "to be " * 200})
+        assert status == 400 and "maximum context length" in body["error"]["message"], body
+        status, body = post(f"{base}/v1/completions", {**greedy, "model": "no-such-model", "prompt": "to be"})
+        assert status == 404 and "no-such-model" in body["error"]["message"], body
+
+        status, body = post(f"{base}/v1/completions", {**greedy, "prompt": PROMPT_TEXTS[0]})
+        assert status == 200 and body["choices"][0]["text"] == tokenizer.decode(offline.answers["solo"][0])
+    finally:
+        server.send_signal(signal.SIGINT)  # vLLM's own shutdown: engine core and workers stop with the server
+        try:
+            server.wait(timeout=60)
+            clean = True
+        except subprocess.TimeoutExpired:
+            clean = False
+        leftovers = group_members(server.pid)
+        kill_group(server)
+    assert clean, "vllm serve did not stop within 60 s of SIGINT"
+    assert leftovers == [], f"processes left behind by vllm serve: {leftovers}"
