@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from modeling_ptt import PTForCausalLM
 
 import train
-from helpers import ROOT, TRAIN_ARGS, child_env, free_port, run_launcher
+from helpers import ROOT, TRAIN_ARGS, child_env, free_port, require, run_launcher
 
 
 def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
@@ -134,7 +134,7 @@ def test_demo_quick(tmp_path):
 
 def test_datasets_dataset_as_data(corpus, tmp_path):
     """A 🤗 datasets dataset (here a saved directory) trains like the same text given as files."""
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     texts = [path.read_text(encoding="utf-8") for path in sorted(corpus.glob("*.txt"))]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
     args = ["--max-steps", "2", "--eval-blocks", "4"]
