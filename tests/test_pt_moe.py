@@ -10,7 +10,7 @@ from transformers import Qwen3MoeConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeRotaryEmbedding
 
-from helpers import AFM_OPTIONS, run_without_package, tiny_config, tiny_model
+from helpers import AFM_OPTIONS, TINY, run_without_package, tiny_config, tiny_model
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
@@ -219,7 +219,7 @@ def test_the_load_balancing_loss_evens_out_a_skewed_router():
     """From routers that send every token to experts 0 and 1 (an expert's share 0.5, the most top-2 of 4 allows),
     15 AdamW steps with the load-balancing loss bring every router's largest expert share below 0.375 (balanced:
     0.25); the same steps without it leave some router above that."""
-    batch = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(0))
     largest_share = {}
     for coef in (0.0, 0.3):
         model = skewed_pt_moe(router_aux_loss_coef=coef)
