@@ -10,9 +10,9 @@ Models, all of one shape (random weights: speed does not depend on them):
     (2L all_reduces plus a vocab-parallel embedding and LM head).
 Two request mixes, the paper's two regimes scaled down: long prompt / short answer and short prompt / long answer.
 Per mix: TTFT (latency of one request with max_tokens=1), TPOT ((latency with max_tokens=N - TTFT) / (N - 1)) and
-request throughput (a batch of requests submitted together). Every engine is started once, then the repeats are
-interleaved (engine by engine, repeat after repeat) and medians taken; ratios are against "pt_tensor_parallel" and
-"llama" of the same run. At W=1, PT (batched tracks) is compared with the Llama of equal size.
+request throughput (a batch of requests submitted together). Engines run one after another (each started once, its
+repeats interleaved over the mixes), medians taken; ratios are against "pt_tensor_parallel" and "llama" of the same
+run. At W=1, PT (batched tracks) is compared with the Llama of equal size.
 """
 
 import argparse
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--batch", type=int, default=8, help="requests per throughput measurement")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache per worker")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results/vllm"))
     return parser.parse_args(argv)
 
@@ -90,29 +91,25 @@ def measure(llm, prompt_len: int, answer_len: int, batch: int) -> dict[str, floa
 
 
 def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -> dict:
-    """Start one engine per model, then interleave the repeats over them; medians per model and mix."""
+    """One engine at a time (several vLLM engines at once do not fit a shared machine's memory): start it, run the
+    repeats with the mixes interleaved, shut it down; medians per model and mix."""
     from vllm import LLM
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    engines = {
-        name: LLM(model=str(paths[name]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
-                  enforce_eager=args.device == "cpu", skip_tokenizer_init=True, seed=0)
-        for name in names
-    }
-    samples = {name: {mix: [] for mix in MIXES} for name in names}
-    for repeat in range(args.repeats + 1):  # the first round warms every engine up and is dropped
-        for name, llm in engines.items():
+    medians = {}
+    for name in names:
+        llm = LLM(model=str(paths[name]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
+                  enforce_eager=args.device == "cpu", skip_tokenizer_init=True, seed=0,
+                  kv_cache_memory_bytes=args.kv_cache_mib << 20)
+        runs = {mix: [] for mix in MIXES}
+        for repeat in range(args.repeats + 1):  # the first round warms the engine up and is dropped
             for mix, (prompt_len, answer_len) in MIXES.items():
                 result = measure(llm, prompt_len, answer_len, args.batch)
                 if repeat:
-                    samples[name][mix].append(result)
-    medians = {
-        name: {mix: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for mix, runs in by_mix.items()}
-        for name, by_mix in samples.items()
-    }
-    for llm in engines.values():
+                    runs[mix].append(result)
         llm.llm_engine.engine_core.shutdown()
+        medians[name] = {mix: {key: statistics.median(run[key] for run in by_repeat) for key in by_repeat[0]}
+                         for mix, by_repeat in runs.items()}
     return medians
 
 
@@ -165,8 +162,6 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     W = args.tensor_parallel_size
     with tempfile.TemporaryDirectory() as tmp:
