@@ -65,6 +65,7 @@ from benchmark_harness import (
     start_world,
 )
 from benchmark_report import add_ratios, environment, exact_command, plot_title, pt_targets, write_files, write_table
+from script_io import check_output_dir
 
 
 SCHEMA = "modeling_ptt/benchmark/1"
@@ -180,6 +181,9 @@ def describe_workload(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     world = start_world(args.device)
+    prefix = Path(args.out or f"benchmark-results/w{world.size}")
+    if world.rank == 0:  # the one that writes: before minutes of measuring, not after
+        check_output_dir(prefix.parent, "the benchmark results")
     variants = plan_variants(args.depths, args.layers, args.variants, args.moe_depth if args.experts else None)
     models = build_models(args, world, variants)
     load_before = os.getloadavg()[0]
@@ -207,7 +211,6 @@ def main(argv=None) -> int:
     report["targets"] = targets
     failed = [item["name"] for item in checks if not item["passed"]]
     if world.rank == 0:
-        prefix = Path(args.out or f"benchmark-results/w{world.size}")
         table = write_table(report)
         write_files(prefix, report, table, plot_title(report))
         print(table, flush=True)

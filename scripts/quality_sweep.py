@@ -21,8 +21,9 @@ import math
 import statistics
 from pathlib import Path
 
-import train  # a sibling script: Python puts this script's folder on sys.path
+import train  # sibling scripts: Python puts this script's folder on sys.path
 from modeling_ptt import PTConfig
+from script_io import check_output_dir
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +192,7 @@ def run_one(label: str, overrides: dict, seed: int, output_dir: Path, tokenizer_
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_dir(args.output_dir, "the sweep's results")
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_tokenizer(output_dir, args)
     results_path = output_dir / "results.jsonl"
