@@ -64,7 +64,10 @@ def test_serve_with_continuous_batching_answers_as_greedy_generate(tmp_path):
         answer = post(f"http://127.0.0.1:{port}/v1/completions",
                       {"model": str(tmp_path), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the server and anything it started
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # the server and anything it started
+        except ProcessLookupError:  # it exited, and so did all of its group
+            pass
         server.wait(timeout=30)
     assert answer["object"] == "text_completion"
     assert answer["usage"] == {"prompt_tokens": prompt_ids.shape[1], "completion_tokens": max_tokens,
