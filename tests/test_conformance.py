@@ -1,6 +1,7 @@
 """PT behaves as transformers' own Llama and Mixtral do: outputs, tuples, recorded attentions and router logits, the
 old cache keyword, the merge schedule, the saved auto_map, and continuous batching."""
 
+import ast
 import json
 import warnings
 
@@ -266,6 +267,20 @@ def test_auto_map_is_written_by_a_save_and_nowhere_else(tmp_path):
                      num_key_value_heads=1, vocab_size=11)).save_pretrained(tmp_path / "base")
     assert json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"] == FULL_AUTO_MAP
     assert getattr(PTConfig.from_pretrained(tmp_path / "base"), "auto_map", None) == FULL_AUTO_MAP
+
+
+def test_the_saved_remote_code_is_model_code_only(tmp_path):
+    """No measuring tool and no private or testing torch module travels with a saved model."""
+    tiny_model().save_pretrained(tmp_path)
+    for path in sorted(tmp_path.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        names += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        for name in names:
+            parts = name.split(".")
+            assert not (parts[0] == "torch" and ("testing" in parts or any(p.startswith("_") for p in parts))), (
+                path.name, name)
+        assert "CollectiveCounter" not in path.read_text(), path.name
 
 
 # --- continuous batching -------------------------------------------------------------------------------------------
