@@ -122,7 +122,8 @@ class PTTrackLinear(nn.Module):
         return out.view(*tracks.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"tracks={self.weight.shape[0]}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        tracks, bias = self.weight.shape[0], self.bias is not None
+        return f"tracks={tracks}, in={self.in_features}, out={self.out_features}, bias={bias}"
 
 
 class PTRMSNorm(nn.Module):

@@ -7,7 +7,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    ContinuousBatchingConfig, DynamicCache, GenerationConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+)
 
 from modeling_ptt import PTConfig, PTForCausalLM, PTModel
 
@@ -107,8 +109,9 @@ def test_attentions_hold_every_tracks_heads_in_track_order(input_ids):
     for t in range(config.num_tracks):
         h = embedded * torch.rsqrt(embedded.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
         h = h * weights["model.layers.0.input_layernorm.weight"][t]
-        q = (h @ weights["model.layers.0.self_attn.q_proj.weight"][t].T).view(batch, seq_len, heads, hd).transpose(1, 2)
-        k = (h @ weights["model.layers.0.self_attn.k_proj.weight"][t].T).view(batch, seq_len, kv_heads, hd).transpose(1, 2)
+        q = (h @ weights["model.layers.0.self_attn.q_proj.weight"][t].T).view(batch, seq_len, heads, hd)
+        k = (h @ weights["model.layers.0.self_attn.k_proj.weight"][t].T).view(batch, seq_len, kv_heads, hd)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = rotate(q), rotate(k).repeat_interleave(heads // kv_heads, dim=1)
         expected.append(torch.softmax(q @ k.transpose(-1, -2) / hd**0.5 + causal, dim=-1))
     torch.testing.assert_close(attentions[0], torch.cat(expected, dim=1), atol=ATOL, rtol=0)
@@ -189,7 +192,8 @@ def cache_keyword_warnings(module, input_ids) -> list[str]:
         warnings.simplefilter("always")
         with torch.no_grad():
             module(input_ids, past_key_values=DynamicCache(config=module.config), use_cache=True)
-    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
+    return [str(w.message) for w in caught
+            if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
 
 
 def test_the_old_cache_keyword_warns_exactly_where_llamas_does(input_ids):

@@ -11,7 +11,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from helpers import SUPPORT, child_env, free_port
 from test_hub import save_tiny_model, tiny_tokenizer
