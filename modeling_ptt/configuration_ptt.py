@@ -8,11 +8,20 @@ from transformers import PreTrainedConfig
 SYNC_MODES = ("track_block", "tensor_parallel")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("dense", "sparse")
+# every Auto class a user may load a saved PT model with, not only the one it was saved from
 AUTO_MAP = {
     "AutoConfig": "configuration_ptt.PTConfig",
     "AutoModel": "modeling_ptt.PTModel",
     "AutoModelForCausalLM": "modeling_ptt.PTForCausalLM",
 }
+
+
+def check_sync_schedule(track_block_depth: int, sync_mode: str) -> None:
+    """Raise, naming the field, for a merge schedule that cannot work."""
+    if isinstance(track_block_depth, bool) or not isinstance(track_block_depth, int) or track_block_depth < 1:
+        raise ValueError(f"PTConfig.track_block_depth={track_block_depth!r}: must be a positive integer")
+    if sync_mode not in SYNC_MODES:
+        raise ValueError(f"PTConfig.sync_mode={sync_mode!r}: must be one of {SYNC_MODES}")
 
 
 class PTConfig(PreTrainedConfig):
@@ -127,9 +136,12 @@ class PTConfig(PreTrainedConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
-        if getattr(self, "auto_map", None) is None:
-            # every Auto class a user may load a saved PT model with, not only the one it was saved from
-            self.auto_map = dict(AUTO_MAP)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`; the saved `auto_map` names every Auto class a PT model loads with (a saved
+        model or config records only its own class otherwise)."""
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _fail(self, field: str, why: str):
         raise ValueError(f"PTConfig.{field}={getattr(self, field)!r}: {why}")
@@ -139,15 +151,14 @@ class PTConfig(PreTrainedConfig):
 
         fail = self._fail
 
-        for field in ("num_tracks", "track_block_depth", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "hidden_size", "intermediate_size", "vocab_size"):
+        for field in ("num_tracks", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                      "intermediate_size", "vocab_size"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, "must be a positive integer")
+        check_sync_schedule(self.track_block_depth, self.sync_mode)
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
             fail("head_dim", "must be a positive integer or None")
-        if self.sync_mode not in SYNC_MODES:
-            fail("sync_mode", f"must be one of {SYNC_MODES}")
         n = self.num_tracks
         for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             if getattr(self, field) % n:
@@ -226,6 +237,11 @@ class PTConfig(PreTrainedConfig):
         if sync_mode == "tensor_parallel":
             return 2 * num_hidden_layers
         return math.ceil(num_hidden_layers / track_block_depth)
+
+    def track_blocks(self) -> tuple[range, ...]:
+        """The layers of every run between two merges (one layer each in tensor-parallel mode)."""
+        sync_after = [i + 1 for i in range(self.num_hidden_layers) if self.is_sync_layer(i)]
+        return tuple(range(start, end) for start, end in zip([0, *sync_after[:-1]], sync_after))
 
     def is_sync_layer(self, layer_idx: int) -> bool:
         """Whether the tracks are merged after layer `layer_idx` (0-based)."""

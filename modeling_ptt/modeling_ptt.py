@@ -21,8 +21,8 @@ attention only, and a sparse layer's experts belong to one track each (`gate_up_
 token never leaves its track and the merge stays the only communication.
 """
 
+import inspect
 from collections.abc import Callable
-from functools import wraps
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -42,6 +43,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
+    LlamaModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -49,8 +51,11 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_ptt import PTConfig
+from .configuration_ptt import PTConfig, check_sync_schedule
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
 from .distributed_ptt import check_safetensors_checkpoint, load_track_parallel, track_parallel_size
 
@@ -59,8 +64,43 @@ logger = logging.get_logger(__name__)
 
 # transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The keyword the installed version's own models (and so its generate()) pass the cache by, and the version in which
+# they announce the removal of the old one.
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+OLD_CACHE_KEYWORD_REMOVAL = "5.40.0"
+# Continuous batching's paged cache: where its update takes the attention kwargs, the attention module updates it, as
+# Llama's does; before that, the paged attention functions update it and find it in the kwargs.
+PAGED_CACHE_TAKES_KWARGS = "kwargs" in inspect.signature(PagedAttentionCache.update).parameters
 # transformers' own mask for each attention layer type of `config.layer_types`
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+# CPU kernel choices. CPU BLAS streams a weight at memory speed only as the left factor of column-major tokens, so a
+# projection of this many rows per track or fewer (decoding) runs as `W @ x^T` rather than `x @ W^T`.
+CPU_DECODE_MAX_ROWS = 4
+# From this many rows on, every matmul form runs alike: an expert skips the transposing copies of the decoding form.
+CPU_EXPERT_PLAIN_MIN_ROWS = 16
+
+
+def deprecate_old_cache_keyword(forward: Callable) -> Callable:
+    """Warn, as transformers' own models do, when a caller passes `past_key_values` to a version whose models take
+    `cache` (its generate() passes `cache`, so generation stays silent); older versions pass `past_key_values`."""
+    if CACHE_KEYWORD != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", OLD_CACHE_KEYWORD_REMOVAL, new_name="cache")(forward)
+
+
+def cpu_decode_linear(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`flat @ weight^T + bias` over tracks (`[n, m, in] -> [n, m, out]`) computed as `weight @ flat^T`: the form in
+    which CPU BLAS streams the weight at memory speed when `m` is a few decoding rows."""
+    out = torch.bmm(weight, flat.transpose(1, 2)).transpose(1, 2).contiguous()
+    if bias is not None:
+        out += bias.unsqueeze(1)
+    return out
+
+
+def add_residual_(sublayer_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`sublayer_output + residual`, written into the sublayer's fresh output: the tracks make the elementwise work
+    `n` times the dense model's, and on CPU a fresh `[n, B, S, d]` buffer per op costs as much as the op."""
+    return sublayer_output.add_(residual)
 
 
 class PTTrackLinear(nn.Module):
@@ -75,12 +115,8 @@ class PTTrackLinear(nn.Module):
 
     def forward(self, tracks: torch.Tensor) -> torch.Tensor:
         flat = tracks.reshape(tracks.shape[0], -1, self.in_features)
-        if flat.device.type == "cpu" and flat.shape[1] <= 4:
-            # Decoding on CPU: BLAS streams the weight at memory speed only as the left factor of column-major
-            # tokens (`W @ x^T`); `x @ W^T` with a few rows runs at half that.
-            out = torch.bmm(self.weight, flat.transpose(1, 2)).transpose(1, 2).contiguous()
-            if self.bias is not None:
-                out += self.bias.unsqueeze(1)
+        if flat.device.type == "cpu" and flat.shape[1] <= CPU_DECODE_MAX_ROWS:
+            out = cpu_decode_linear(flat, self.weight, self.bias)
         elif self.bias is None:
             out = torch.bmm(flat, self.weight.transpose(1, 2))
         else:
@@ -88,7 +124,8 @@ class PTTrackLinear(nn.Module):
         return out.view(*tracks.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"tracks={self.weight.shape[0]}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        tracks, bias = self.weight.shape[0], self.bias is not None
+        return f"tracks={tracks}, in={self.in_features}, out={self.out_features}, bias={bias}"
 
 
 class PTRMSNorm(nn.Module):
@@ -105,9 +142,7 @@ class PTRMSNorm(nn.Module):
         variance = tracks.pow(2).mean(-1, keepdim=True)
         normalized = (tracks * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
         weight = self.weight.view(self.weight.shape[0], *([1] * (tracks.dim() - 2)), -1)
-        # in place: the tracks make this n times the dense model's elementwise work, and a fresh n*B*S*d buffer
-        # per op costs as much as the op on CPU
-        return normalized.mul_(weight)
+        return normalized.mul_(weight)  # in place into the fresh `normalized`, as `add_residual_`
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -181,8 +216,8 @@ class PTTopKRouter(PTTrackLinear):
 class PTFoldedExperts:
     """All tracks' experts as ONE expert dim of `n*E` (views of `PTExperts`' weights), in the 3D layout of
     transformers' experts interface, which runs them as one grouped matmul (`config._experts_implementation`:
-    `grouped_mm` by default, `batched_mm`, ...). `forward` below is the `"eager"` kernel, the faster one on CPU:
-    the token slots sorted by expert, one pair of matmuls per expert that has any."""
+    `grouped_mm` by default, `batched_mm`, ...). `forward` below is the `"eager"` kernel, the one for CPU: the token
+    slots sorted by expert, one pair of matmuls per expert that has any (`expert_forward`)."""
 
     def __init__(self, config: PTConfig, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Callable):
         self.num_experts = gate_up_proj.shape[0]
@@ -207,17 +242,17 @@ class PTFoldedExperts:
                 self.expert_forward(expert, inputs.narrow(0, start, count), by_slot.narrow(0, start, count))
                 start += count
         by_slot.mul_(top_k_weights.flatten()[slots_by_expert, None].to(by_slot.dtype))
-        # one fresh buffer where unsorting and summing the k slots would take two (fresh memory is slow on CPU)
+        # one fresh buffer where unsorting and summing the k slots would take two (see `add_residual_`)
         return torch.zeros_like(hidden_states).index_add_(0, tokens_by_expert, by_slot)
 
     def expert_forward(self, expert: int, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """One expert's SwiGLU of its `rows` `[m, d]` into `out` `[m, d]`, in the matmul forms CPU BLAS runs fastest:
-        a weight streams at memory speed only as the left factor of column-major tokens, at least two of them (as
-        `x @ W^T`, or as one column, a single-threaded gemv, the few rows of decoding take three times as long)."""
+        """One expert's SwiGLU of its `rows` `[m, d]` into `out` `[m, d]`, in the CPU kernel's matmul forms: each weight
+        is the left factor of column-major tokens (see `CPU_DECODE_MAX_ROWS`), and a single row is doubled because
+        CPU BLAS runs one column as a slow single-threaded matrix-vector product."""
         columns = (rows if len(rows) > 1 else torch.cat([rows, rows])).T
         gate, up = torch.mm(self.gate_up_proj[expert], columns).chunk(2)
         activations = self.act_fn(gate) * up  # [I, columns]
-        if len(rows) >= 16:  # enough rows for every form to run alike: skip the transposing copies
+        if len(rows) >= CPU_EXPERT_PLAIN_MIN_ROWS:
             out.copy_(torch.mm(activations.T, self.down_proj[expert].T))
         else:
             out.copy_(torch.mm(self.down_proj[expert], activations.T.contiguous().T).T[: len(rows)])
@@ -263,34 +298,6 @@ class PTSparseMoeBlock(nn.Module):
         rows = tracks.reshape(tracks.shape[0], -1, tracks.shape[-1])
         _, top_k_weights, top_k_index = self.gate(rows)
         return self.experts(rows, top_k_index, top_k_weights).view_as(tracks)
-
-
-def with_router_logits(forward: Callable) -> Callable:
-    """Give a model's forward Mixtral's `output_router_logits`: a model with sparse layers returns a
-    `MoeModelOutputWithPast` whose `router_logits`, when asked for, are the logits of every `PTTopKRouter` in call
-    order, recorded by forward hooks that live for this call only (as transformers' `capture_outputs` does)."""
-
-    @wraps(forward)
-    def forward_with_router_logits(self, *args, output_router_logits: bool | None = None, **kwargs):
-        if not self.has_sparse_layers:
-            return forward(self, *args, **kwargs)
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        router_logits = []
-
-        def record(router, args, output):  # a router returns (logits, top-k weights, top-k indices)
-            router_logits.append(output[0])
-
-        routers = [module for module in self.modules() if isinstance(module, PTTopKRouter)]
-        hooks = [router.register_forward_hook(record) for router in routers] if output_router_logits else []
-        try:
-            outputs = forward(self, *args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return MoeModelOutputWithPast(**outputs, router_logits=tuple(router_logits) if output_router_logits else None)
-
-    return forward_with_router_logits
 
 
 def pt_load_balancing_loss(
@@ -371,8 +378,10 @@ class PTAttention(nn.Module):
             cos, sin = position_embeddings
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+        if isinstance(cache, PagedAttentionCache) and not PAGED_CACHE_TAKES_KWARGS:
+            kwargs["cache"] = cache
+        elif cache is not None:  # the kwargs carry what a paged cache reads and fills
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -411,9 +420,10 @@ class PTDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        sync_attention: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sublayer_sync: PTTrackSync | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """`sublayer_sync` (tensor-parallel mode) also merges the tracks between attention and FFN."""
         attn_output, _ = self.self_attn(
             self.input_layernorm(tracks),
             position_embeddings=position_embeddings,
@@ -421,11 +431,10 @@ class PTDecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             **kwargs,
         )
-        # residual adds in place into the sublayer's fresh output (see PTRMSNorm.forward)
-        tracks = attn_output.add_(tracks)
-        if sync_attention is not None:  # tensor-parallel mode also merges between attention and FFN
-            tracks = sync_attention(tracks)
-        return self.mlp(self.post_attention_layernorm(tracks)).add_(tracks)
+        tracks = add_residual_(attn_output, tracks)
+        if sublayer_sync is not None:
+            tracks = sublayer_sync.dispatch(sublayer_sync.merge(tracks))
+        return add_residual_(self.mlp(self.post_attention_layernorm(tracks)), tracks)
 
 
 # --- input checks: a clear ValueError naming the argument instead of an IndexError, a reshape error or a CUDA
@@ -548,6 +557,11 @@ class PTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # Hidden states are not recorded from a module: a layer outputs the tracks, not their mean (see PTModel.forward).
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(PTTopKRouter, index=0),
+        "attentions": PTAttention,
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -598,6 +612,19 @@ class PTPreTrainedModel(PreTrainedModel):
                              "a partial checkpoint. Load the model in a single process to save it.")
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def set_sync_schedule(self, track_block_depth: int | None = None, sync_mode: str | None = None) -> None:
+        """Change when the tracks merge on a built model, e.g. to compare block depths on the same weights (a
+        different `track_block_depth` or `sync_mode` is a different function of them). The config is updated too, so
+        a save keeps the new schedule. The schedule is fixed at construction: assigning the two config fields
+        directly makes the next forward raise."""
+        config, base = self.config, self.base_model
+        track_block_depth = config.track_block_depth if track_block_depth is None else track_block_depth
+        sync_mode = config.sync_mode if sync_mode is None else sync_mode
+        check_sync_schedule(track_block_depth, sync_mode)
+        config.track_block_depth, config.sync_mode = track_block_depth, sync_mode
+        base.sync_schedule = (track_block_depth, sync_mode)
+        base.track_blocks = config.track_blocks()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -622,17 +649,26 @@ class PTModel(PTPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.track_sync = PTTrackSync(config.num_tracks)
+        # the layers of each run between two merges (`set_sync_schedule` changes them)
+        self.sync_schedule = (config.track_block_depth, config.sync_mode)
+        self.track_blocks: tuple[range, ...] = config.track_blocks()
         self.has_sparse_layers = "sparse" in config.mlp_layer_types
         self.gradient_checkpointing = False
         self.post_init()
 
-    @property
-    def track_blocks(self) -> list[nn.ModuleList]:
-        """The runs of layers between two merges (one layer each in tensor-parallel mode)."""
-        sync_after = [i + 1 for i in range(self.config.num_hidden_layers) if self.config.is_sync_layer(i)]
-        return [self.layers[start:end] for start, end in zip([0] + sync_after[:-1], sync_after)]
+    def check_sync_schedule(self) -> None:
+        """Refuse to run a schedule other than the config's: the blocks are computed once, not at every forward."""
+        config = self.config
+        if (config.track_block_depth, config.sync_mode) != self.sync_schedule:
+            raise ValueError(
+                f"PTConfig.track_block_depth={config.track_block_depth!r}, sync_mode={config.sync_mode!r} were "
+                f"assigned on a built model that merges as track_block_depth={self.sync_schedule[0]!r}, "
+                f"sync_mode={self.sync_schedule[1]!r}: change the schedule with model.set_sync_schedule(...)"
+            )
 
-    @with_router_logits
+    @deprecate_old_cache_keyword
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -644,21 +680,25 @@ class PTModel(PTPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MoeModelOutputWithPast:
         r"""
-        `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted).
-        With `output_hidden_states=True` the entry after each layer is the mean of the tracks' residual streams
-        (in a distributed run that costs one extra all_reduce per layer, only when asked for).
-        A model with sparse layers returns a `MoeModelOutputWithPast`; with `output_router_logits=True` its
-        `router_logits` hold one `[n_local, batch * seq_len, num_experts]` tensor per sparse layer.
+        `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted, and
+        `past_key_values` warns where transformers' own models deprecate it).
+
+        With `output_hidden_states=True`, as in Llama, entry 0 is the embedding output, entry `l` the state after
+        layer `l` and the last entry the final norm's output (`last_hidden_state`); the state after a layer is the
+        mean of the tracks' residual streams (in a distributed run one extra all_reduce per layer that does not end a
+        block, only when asked for). With `output_attentions=True` and an attention implementation that returns
+        weights (`eager`), `attentions` holds one `[batch, heads, query_len, key_len]` tensor per layer, the heads of
+        all tracks in track order; under track parallelism, of the rank's own tracks only. With
+        `output_router_logits=True`, `router_logits` holds one `[n_local, batch * seq_len, num_experts]` tensor per
+        sparse layer (none for a model without sparse layers).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self.check_sync_schedule()
         cache = cache if cache is not None else past_key_values
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # a recomputed layer would write its keys and values into the cache twice
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -672,36 +712,41 @@ class PTModel(PTPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        if isinstance(attention_mask, dict):  # one mask per layer type, already made (generate() with a static cache)
+        if isinstance(attention_mask, dict):  # one mask per layer type, already made (static cache, paged cache)
             causal_masks = attention_mask
         else:  # the cache is passed by position: its keyword is `cache` or `past_key_values` by version
             mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
             causal_masks = {kind: MASK_FUNCTIONS[kind](*mask_args) for kind in set(self.config.layer_types)}
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         sync = self.track_sync
-        sync_attention = (
-            (lambda tracks: sync.dispatch(sync.merge(tracks))) if self.config.sync_mode == "tensor_parallel" else None
-        )
+        sublayer_sync = sync if self.config.sync_mode == "tensor_parallel" else None
 
         hidden_states = inputs_embeds
+        # Recorded here rather than by `_can_record_outputs`: a layer outputs the tracks, and a hidden state is their
+        # mean, which at the end of a block is the merge the next block starts from.
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.track_blocks:
             tracks = sync.dispatch(hidden_states)
-            for layer in block:
+            for layer_idx in block:
+                layer = self.layers[layer_idx]
                 tracks = layer(
                     tracks,
                     attention_mask=causal_masks[layer.attention_type],
                     position_embeddings=position_embeddings,
                     cache=cache,
-                    sync_attention=sync_attention,
+                    sublayer_sync=sublayer_sync,
                     **kwargs,
                 )
-                if output_hidden_states:
+                if output_hidden_states and layer_idx != block[-1]:
                     all_hidden_states += (sync.merge(tracks),)
             hidden_states = sync.merge(tracks)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        return MoeModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
         )
 
@@ -721,7 +766,8 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         """Convert a dense `LlamaForCausalLM` into `num_tracks` tracks in `sync_mode="tensor_parallel"`.
 
         The result computes the same logits as the Llama (up to float rounding): it is the tensor-parallel baseline,
-        and a starting point for PT layouts. Changing its `sync_mode` to `"track_block"` changes the function.
+        and a starting point for PT layouts: `model.set_sync_schedule(sync_mode="track_block", track_block_depth=D)`
+        makes it a PT model (a different function of the same weights).
         """
         config = pt_config_from_llama(llama_model.config, num_tracks)
         config._attn_implementation = llama_model.config._attn_implementation
@@ -741,6 +787,7 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         check_generate_inputs(self.config, self.generation_config, args, kwargs)
         return super().generate(*args, **kwargs)
 
+    @deprecate_old_cache_keyword
     @can_return_tuple
     def forward(
         self,
@@ -751,7 +798,6 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
@@ -763,24 +809,24 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
 
-        A model with sparse layers returns a `MoeCausalLMOutputWithPast`. Unlike Mixtral, its load-balancing loss is
-        computed (and `router_aux_loss_coef` times it added to `loss`) whenever `labels` are given, so training
-        balances the experts without `output_router_logits=True`; `aux_loss` is also returned when router logits
-        are asked for.
+        A model with sparse layers, or one asked for router logits, returns a `MoeCausalLMOutputWithPast`. Unlike
+        Mixtral, the load-balancing loss is computed (and `router_aux_loss_coef` times it added to `loss`) whenever
+        `labels` are given, so training balances the experts without `output_router_logits=True`; `aux_loss` is
+        also returned when router logits are asked for.
         """
         check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
-        output_router_logits = self.model.has_sparse_layers and (
+        output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        needs_router_logits = output_router_logits or (self.model.has_sparse_layers and labels is not None)
-        outputs: BaseModelOutputWithPast | MoeModelOutputWithPast = self.model(
+        has_sparse_layers = self.model.has_sparse_layers
+        needs_router_logits = output_router_logits or (has_sparse_layers and labels is not None)
+        outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             output_router_logits=needs_router_logits,
             **kwargs,
         )
@@ -792,11 +838,16 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        common = {"logits": logits, "hidden_states": outputs.hidden_states, CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
-        if not self.model.has_sparse_layers:
+        common = {
+            "logits": logits,
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+            CACHE_FIELD: getattr(outputs, CACHE_FIELD),
+        }
+        if not (has_sparse_layers or output_router_logits):
             return CausalLMOutputWithPast(loss=loss, **common)
         aux_loss = None
-        if needs_router_logits:
+        if has_sparse_layers and needs_router_logits:
             is_padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
             padding_mask = attention_mask if is_padding_mask else None
             aux_loss = pt_load_balancing_loss(

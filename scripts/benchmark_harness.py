@@ -76,17 +76,16 @@ def plan_variants(depths: list[int], layers: int, selected: list[str] | None, mo
 
 @contextlib.contextmanager
 def merge_schedule(model: torch.nn.Module, variant: Variant):
-    """Run the PT model under the variant's merge schedule: the forward reads these two config fields each call."""
+    """Run the PT model under the variant's merge schedule, then restore the model's own."""
     if variant.model == "llama":
         yield
         return
-    config = model.config
-    saved = config.sync_mode, config.track_block_depth
-    config.sync_mode, config.track_block_depth = variant.sync_mode, variant.track_block_depth
+    saved = model.config.track_block_depth, model.config.sync_mode
+    model.set_sync_schedule(track_block_depth=variant.track_block_depth, sync_mode=variant.sync_mode)
     try:
         yield
     finally:
-        config.sync_mode, config.track_block_depth = saved
+        model.set_sync_schedule(*saved)
 
 
 # --- the ranks and the models ---------------------------------------------------------------------------------

@@ -35,9 +35,8 @@ class NotAModelDir(ValueError):
     """DIR cannot be pushed as a PT model; the message says which file and why."""
 
 
-def load_pt_config(model_dir: Path) -> tuple[PTConfig, dict]:
-    """The PT config of `model_dir` and the fields its config.json itself holds (what the repo will get: PTConfig
-    fills in a missing `auto_map` that the uploaded file would still lack)."""
+def load_pt_config(model_dir: Path) -> PTConfig:
+    """The PT config of `model_dir`, or NotAModelDir naming what is wrong with its config.json."""
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise NotAModelDir(f"{model_dir} has no config.json: not a saved model directory")
@@ -49,7 +48,7 @@ def load_pt_config(model_dir: Path) -> tuple[PTConfig, dict]:
         raise NotAModelDir(f"{config_file} has model_type={raw.get('model_type')!r}, not a PT model "
                            f"(model_type={PTConfig.model_type!r})")
     try:
-        return PTConfig.from_pretrained(model_dir), raw
+        return PTConfig.from_pretrained(model_dir)
     except ValueError as err:  # PTConfig names the field that cannot work
         raise NotAModelDir(f"{config_file}: {err}") from err
 
@@ -95,8 +94,8 @@ def repo_files(model_dir: Path) -> tuple[PTConfig, list[str]]:
     """The PT config of `model_dir` and the files of it that make a complete repo; raises NotAModelDir."""
     if not model_dir.is_dir():
         raise NotAModelDir(f"{model_dir} is not a directory")
-    config, raw = load_pt_config(model_dir)
-    auto_map = raw.get("auto_map") or {}
+    config = load_pt_config(model_dir)
+    auto_map = getattr(config, "auto_map", None) or {}  # only a save writes it: this is what config.json holds
     for auto_class in ("AutoConfig", "AutoModelForCausalLM"):
         if auto_class not in auto_map:
             raise NotAModelDir(f"{model_dir / 'config.json'} has no auto_map[{auto_class!r}]: without it the "
