@@ -112,7 +112,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write_fn: Callable
         _kill_point("before-rotate", step)
         older = [path for path in output_dir.iterdir()
                  if path != final and path.is_dir() and checkpoint_step(path) is not None]
-        for old in older:
+        for old in sorted(older, key=checkpoint_step):
             _remove(_move_aside(old), step)
     _barrier()
     return final
