@@ -83,6 +83,9 @@ class Runner:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        ready = self.context.Process(target=int)  # returns once the server has imported: a run's time is its own
+        ready.start()
+        ready.join()
 
     def run(self, output_dir: Path, resume: bool, kill: Kill | None = None) -> int:
         """The exit code: 0 finished, -SIGKILL killed."""
@@ -179,19 +182,22 @@ def hit(event: dict) -> str:
 
 
 def random_kills(output_dir: Path, count: int, max_steps: int, run_s: float, seed: int) -> Iterator[Kill]:
-    """Half at a random phase of a save a few steps ahead of the newest checkpoint, half at a random moment of the
-    first `run_s` seconds; drawn lazily, each after the previous kill's run."""
+    """Half at a random phase of a save a few steps ahead of the newest checkpoint, half at a random moment of what
+    is left of a run that takes `run_s` from the start; drawn lazily, each after the previous kill's run."""
     draw = random.Random(seed)
     for _ in range(count):
         steps = checkpoint_steps(output_dir)
-        newest = steps[-1] if steps else 0
+        # a save killed after its manifest was written becomes a checkpoint when the next run starts
+        steps += [checkpoints.checkpoint_step(path.with_name(path.name[len(checkpoints.SAVING) :]))
+                  for path in output_dir.glob(f"{checkpoints.SAVING}*") if (path / checkpoints.MANIFEST).exists()]
+        newest = max(steps, default=0)
         if draw.random() < 0.5 and newest + 3 < max_steps:
             phase = draw.choice(checkpoints.KILL_PHASES)
             # a fresh run's first save has nothing to rotate
             first = 2 if not steps and phase in ("rotating", "deleting") else newest + 1
             yield Kill(phase=phase, step=draw.randint(first, newest + 3))
         else:
-            yield Kill(after_s=draw.uniform(0, run_s))
+            yield Kill(after_s=draw.uniform(0, run_s * (max_steps - newest) / max_steps))
 
 
 def main(argv: list[str] | None = None) -> int:
