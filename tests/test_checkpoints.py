@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -44,13 +43,12 @@ def copy_of_stopped_run(runs, tmp_path) -> tuple[Path, Path]:
 
 def test_kills_at_every_phase_of_a_save_and_at_random_moments_resume_exactly(corpus, tmp_path):
     """train.py in a child process, SIGKILLed at each phase of a save (files written, manifest written, renamed,
-    an old checkpoint moved aside, half deleted) and twice at a random moment, resumed after each: every
+    an old checkpoint moved aside, half deleted) and twice within the next few steps, resumed after each: every
     `checkpoint-*` stays whole, the leftovers are what that phase leaves, and the end is bitwise the
     uninterrupted run's."""
     runner = kill_soak.Runner(corpus, [*kill_soak.RUN_ARGS, "--max-steps", "14"], timeout_s=120)
-    started = time.perf_counter()
     runner.run(tmp_path / "straight", resume=False)
-    straight_s = time.perf_counter() - started
+    step_s = runner.training_s / 14
     killed = tmp_path / "killed"
     killed.mkdir()
     phases = [
@@ -62,7 +60,7 @@ def test_kills_at_every_phase_of_a_save_and_at_random_moments_resume_exactly(cor
         (kill_soak.Kill("deleting", 8), [8], [".deleting-checkpoint-7"]),
     ]
     draw = random.Random(0)
-    random_moments = [kill_soak.Kill(after_s=draw.uniform(0, straight_s)) for _ in range(2)]
+    random_moments = [kill_soak.Kill(after_s=draw.uniform(0, 3 * step_s)) for _ in range(2)]
     events = kill_soak.kill_and_resume(runner, killed, [kill for kill, _, _ in phases] + random_moments)
 
     for (kill, steps, leftovers), event in zip(phases, events):

@@ -46,14 +46,15 @@ CHECKPOINT_FILES = {
 
 @dataclass(frozen=True)
 class Kill:
-    """SIGKILL when the save of `step` reaches `phase` (one of checkpoints.KILL_PHASES), or `after_s` after start."""
+    """SIGKILL when the save of `step` reaches `phase` (one of checkpoints.KILL_PHASES), or `after_s` after the run
+    has logged its first step (the moments of the start, which reads no checkpoint file, are not worth drawing)."""
 
     phase: str | None = None
     step: int = 0
     after_s: float = 0.0
 
     def __str__(self) -> str:
-        return f"{self.phase}@{self.step}" if self.phase else f"after {self.after_s:.2f}s"
+        return f"{self.phase}@{self.step}" if self.phase else f"{self.after_s:.2f}s after the first step"
 
 
 def run_train_quietly(argv: list[str], env: dict, log_path: str) -> None:
@@ -88,12 +89,15 @@ class Runner:
         ready.join()
 
     def run(self, output_dir: Path, resume: bool, kill: Kill | None = None) -> int:
-        """The exit code: 0 finished, -SIGKILL killed."""
+        """The exit code: 0 finished, -SIGKILL killed. `training_s` is then the time from the first logged step to
+        the end (None if killed)."""
         argv = ["--data", str(self.corpus), "--output-dir", str(output_dir), *self.args, *["--resume"] * resume]
         env = {checkpoints.KILL_AT_ENV: str(kill)} if kill is not None and kill.phase else {}
         log_path = output_dir.parent / f"{output_dir.name}.log"
         process = self.context.Process(target=run_train_quietly, args=(argv, env, str(log_path)))
+        first_step, started = resumable_step(output_dir) + 1, time.time()
         process.start()
+        first_step_at = self._wait_for_step(process, output_dir / train.LOG_NAME, first_step, started)
         if kill is not None and kill.phase is None:
             process.join(kill.after_s)
             if process.exitcode is None:
@@ -106,7 +110,28 @@ class Runner:
         if process.exitcode not in (0, -signal.SIGKILL):
             output = log_path.read_text()[-3000:] if log_path.exists() else "(none)"
             raise RuntimeError(f"train.py {' '.join(argv)} failed ({process.exitcode}), its output:\n{output}")
+        self.training_s = time.time() - first_step_at if process.exitcode == 0 and first_step_at else None
         return process.exitcode
+
+    def _wait_for_step(self, process, log_path: Path, step: int, started: float) -> float | None:
+        """When the run logged `step` (None if it ended before): a log of this run, not the one it resumes."""
+        deadline = started + self.timeout_s
+        while process.exitcode is None and time.time() < deadline:
+            try:
+                if log_path.stat().st_mtime >= started and f'{{"step": {step},' in log_path.read_text():
+                    return time.time()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+        return None
+
+
+def resumable_step(output_dir: Path) -> int:
+    """The step the next run resumes from (0: none); a save killed after its manifest was written counts, as the
+    next start renames it into place."""
+    saved = [checkpoints.checkpoint_step(path.with_name(path.name[len(checkpoints.SAVING) :]))
+             for path in output_dir.glob(f"{checkpoints.SAVING}*") if (path / checkpoints.MANIFEST).exists()]
+    return max(checkpoint_steps(output_dir) + saved, default=0)
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
@@ -155,10 +180,9 @@ def kill_and_resume(runner: Runner, output_dir: Path, kills: Iterable[Kill]) -> 
 
 def differences(straight: Path, killed: Path) -> list[str]:
     """What differs between two finished runs: final weights (bitwise) and the logged losses."""
-    weights_straight, weights_killed = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
-    problems = [f"weight {name} differs" for name in sorted(weights_straight.keys() | weights_killed.keys())
-                if name not in weights_straight or name not in weights_killed
-                or not torch.equal(weights_straight[name], weights_killed[name])]
+    expected, got = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    problems = [f"weight {name} differs" for name in sorted(expected.keys() | got.keys())
+                if name not in expected or name not in got or not torch.equal(expected[name], got[name])]
 
     def losses(run: Path) -> list:
         return [(r["step"], r["loss"], r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
@@ -181,23 +205,19 @@ def hit(event: dict) -> str:
     return "training, evaluating, starting or exporting"
 
 
-def random_kills(output_dir: Path, count: int, max_steps: int, run_s: float, seed: int) -> Iterator[Kill]:
-    """Half at a random phase of a save a few steps ahead of the newest checkpoint, half at a random moment of what
-    is left of a run that takes `run_s` from the start; drawn lazily, each after the previous kill's run."""
+def random_kills(output_dir: Path, count: int, max_steps: int, step_s: float, seed: int) -> Iterator[Kill]:
+    """Half at a random phase of a save a few steps ahead of the newest checkpoint, half at a random moment of the
+    next few steps (`step_s` each, saves included); drawn lazily, each after the previous kill's run."""
     draw = random.Random(seed)
     for _ in range(count):
-        steps = checkpoint_steps(output_dir)
-        # a save killed after its manifest was written becomes a checkpoint when the next run starts
-        steps += [checkpoints.checkpoint_step(path.with_name(path.name[len(checkpoints.SAVING) :]))
-                  for path in output_dir.glob(f"{checkpoints.SAVING}*") if (path / checkpoints.MANIFEST).exists()]
-        newest = max(steps, default=0)
+        newest = resumable_step(output_dir)
         if draw.random() < 0.5 and newest + 3 < max_steps:
             phase = draw.choice(checkpoints.KILL_PHASES)
             # a fresh run's first save has nothing to rotate
-            first = 2 if not steps and phase in ("rotating", "deleting") else newest + 1
+            first = 2 if newest == 0 and phase in ("rotating", "deleting") else newest + 1
             yield Kill(phase=phase, step=draw.randint(first, newest + 3))
         else:
-            yield Kill(after_s=draw.uniform(0, run_s * (max_steps - newest) / max_steps))
+            yield Kill(after_s=draw.uniform(0, 3 * step_s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,13 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(temporary)
         runner = Runner(write_small_corpus(work / "corpus"), [*RUN_ARGS, "--max-steps", str(args.max_steps)],
                         args.timeout_s)
-        started = time.perf_counter()
         runner.run(work / "straight", resume=False)
-        straight_s = time.perf_counter() - started
+        step_s = runner.training_s / args.max_steps
         killed = work / "killed"
         killed.mkdir()
-        events = kill_and_resume(runner, killed, random_kills(killed, args.kills, args.max_steps, straight_s,
-                                                              args.seed))
+        events = kill_and_resume(runner, killed, random_kills(killed, args.kills, args.max_steps, step_s, args.seed))
         problems = differences(work / "straight", killed)
 
     for event in events:
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "kills": sum(event["killed"] for event in events),
         "hits": Counter(hit(event) for event in events),
-        "uninterrupted_run_s": round(straight_s, 2),
+        "seconds_per_step": round(step_s, 3),
         "bitwise_equal_to_uninterrupted_run": not problems,
     }
     print(json.dumps(summary, indent=2))
