@@ -43,12 +43,11 @@ def copy_of_stopped_run(runs, tmp_path) -> tuple[Path, Path]:
 
 def test_kills_at_every_phase_of_a_save_and_at_random_moments_resume_exactly(corpus, tmp_path):
     """train.py in a child process, SIGKILLed at each phase of a save (files written, manifest written, renamed,
-    an old checkpoint moved aside, half deleted) and twice within the next few steps, resumed after each: every
+    an old checkpoint moved aside, half deleted) and twice at a random moment of a step, resumed after each: every
     `checkpoint-*` stays whole, the leftovers are what that phase leaves, and the end is bitwise the
     uninterrupted run's."""
     runner = kill_soak.Runner(corpus, [*kill_soak.RUN_ARGS, "--max-steps", "14"], timeout_s=120)
     runner.run(tmp_path / "straight", resume=False)
-    step_s = runner.training_s / 14
     killed = tmp_path / "killed"
     killed.mkdir()
     phases = [
@@ -59,14 +58,16 @@ def test_kills_at_every_phase_of_a_save_and_at_random_moments_resume_exactly(cor
         (kill_soak.Kill("rotating", 6), [4, 5, 6], [".deleting-checkpoint-3"]),
         (kill_soak.Kill("deleting", 8), [8], [".deleting-checkpoint-7"]),
     ]
-    draw = random.Random(0)
-    random_moments = [kill_soak.Kill(after_s=draw.uniform(0, 3 * step_s)) for _ in range(2)]
+    # a random moment after step 10's log line, before step 11's; then one after step 12's
+    draw = random.Random()
+    random_moments = [kill_soak.Kill(step=step, fraction=draw.random()) for step in (10, 12)]
     events = kill_soak.kill_and_resume(runner, killed, [kill for kill, _, _ in phases] + random_moments)
 
     for (kill, steps, leftovers), event in zip(phases, events):
         assert event["killed"], f"{kill} was not reached"
         assert (event["checkpoints"], event["leftovers"]) == (steps, leftovers), event
     assert not (killed / ".deleting-checkpoint-7" / checkpoints.MANIFEST).exists()  # killed part-way through
+    assert all(event["killed"] for event in events[len(phases) :]), events
     assert kill_soak.differences(tmp_path / "straight", killed) == []
 
 
