@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import checkpoints  # noqa: E402
 from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
+from script_io import read_json_file  # noqa: E402
 
 
 END_OF_TEXT = "<|endoftext|>"
@@ -224,7 +225,7 @@ class BlockSampler:
 
 def build_config(args, tokenizer) -> PTConfig:
     # the file's own fields only: derived per-layer lists (layer_types, ...) follow the overridden layer count
-    values = json.loads(Path(args.config).read_text())
+    values = read_json_file(args.config, "--config")
     values.update({field: getattr(args, field) for field in CONFIG_OVERRIDES if getattr(args, field) is not None})
     if args.block_size > values.get("max_position_embeddings", args.block_size):
         raise ValueError(

@@ -1,6 +1,7 @@
-"""What several test files share: tiny models built from a seed (never downloaded), and how tests start child
-processes (workers live in `support/`)."""
+"""What several test files share: tiny models built from a seed (never downloaded), how tests start child
+processes (workers live in `support/`), and how they require an optional extra."""
 
+import importlib
 import os
 import signal
 import socket
@@ -59,6 +60,18 @@ def write_small_corpus(directory: Path) -> Path:
     for path in train.shakespeare_files()[:2]:
         (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     return directory
+
+
+def require(module: str, extra: str = "eval"):
+    """Import `module` of an optional extra for a test: where it is missing the test skips, except in CI (`CI` set,
+    as CI services do), where `make test` installs the extra and a failed install must not pass as skipped tests."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = f"{module} is missing ({error}): it comes with `pip install -e .[{extra}]`, which make test runs"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI: {message}", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def tiny_config(**overrides) -> PTConfig:
