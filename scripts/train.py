@@ -16,8 +16,9 @@ tokenized, joined with the end-of-text token and packed into blocks of `--block-
 
 Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr,
 tokens seen; val_* are null on steps without evaluation; the step-0 line also names the dataset), `loss_curve.png`,
-`checkpoint-{step}/` (the latest only), the final `save_pretrained` model with its tokenizer and remote code, and
-`validation.jsonl` (the held-out text, one document per line, what `scripts/eval_perplexity.py` gives to lm-eval).
+`checkpoint-{step}/` (the latest only, whole after a kill at any moment: scripts/checkpoints.py), the final
+`save_pretrained` model with its tokenizer and remote code, and `validation.jsonl` (the held-out text, one document
+per line, what `scripts/eval_perplexity.py` gives to lm-eval).
 """
 
 import argparse
@@ -25,7 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +40,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_sche
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
 from script_io import read_json_file  # noqa: E402
 
@@ -47,7 +48,6 @@ from script_io import read_json_file  # noqa: E402
 END_OF_TEXT = "<|endoftext|>"
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss_curve.png"
-CHECKPOINT_PREFIX = "checkpoint-"
 # PTConfig fields that can be overridden on the command line, as --num-tracks, --track-block-depth, ...
 CONFIG_OVERRIDES = {
     "num_tracks": int,
@@ -314,42 +314,6 @@ def expert_token_shares(
     return (counts / counts.sum(-1, keepdim=True)).tolist()
 
 
-# ------------------------------------------------------------------------------------------------- checkpointing
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The highest-step complete checkpoint. Checkpoints appear by an atomic rename, so every `checkpoint-N` is whole
-    and a leftover `*.tmp` from a killed save is ignored."""
-    steps = [
-        (int(path.name[len(CHECKPOINT_PREFIX) :]), path)
-        for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-        if path.is_dir() and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return max(steps)[1] if steps else None
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, position: int) -> Path:
-    """Model, optimizer, scheduler, RNG states (every process) and data position, written into a temporary directory
-    and renamed into place; older checkpoints are removed only after that."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    temporary = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    if accelerator.is_main_process:
-        (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "position": position}))
-        for path in temporary.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(temporary, final)
-        for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            if old != final:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ------------------------------------------------------------------------------------------------------- logging
 
 
@@ -416,24 +380,28 @@ def train(args) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    # the scheduler is stepped by hand once per optimizer step (a prepared scheduler steps once per process)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
-    accelerator.register_for_checkpointing(scheduler)
     sampler = BlockSampler(
         len(train_blocks), args.batch_size, accelerator.num_processes, accelerator.process_index, args.seed
     )
 
     log_path = output_dir / LOG_NAME
     step, position = 0, 0
+    checkpoints.clean_leftovers(output_dir)
     if args.resume:
-        checkpoint = latest_checkpoint(output_dir) if args.resume is True else Path(args.resume)
+        checkpoint = checkpoints.find_resumable(output_dir) if args.resume is True else Path(args.resume)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT_PREFIX}* directory in {output_dir}")
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+            raise FileNotFoundError(f"--resume: no whole {checkpoints.PREFIX}* directory in {output_dir}")
+        state = checkpoints.read_training_state(
+            checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+        )
         step, position = state["step"], state["position"]
         if accelerator.is_main_process:  # the log continues from the checkpoint; later lines are redone
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step))
+            kept = "".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step)
+            partial = log_path.with_name(f"{LOG_NAME}.partial")  # renamed over the log: a kill keeps one of the two
+            partial.write_text(kept)
+            os.replace(partial, log_path)
     elif accelerator.is_main_process:
         log_path.write_text("")
 
@@ -441,6 +409,13 @@ def train(args) -> dict:
         if accelerator.is_main_process:
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+    def save(step: int, position: int) -> None:
+        def write(directory: Path) -> None:
+            checkpoints.write_training_state(directory, accelerator.unwrap_model(model), optimizer, scheduler,
+                                             {"step": step, "position": position}, accelerator.scaler)
+
+        checkpoints.save_checkpoint(output_dir, step, write)
 
     def evaluate() -> float:
         return validation_loss(model, val_blocks, args.batch_size, accelerator.device)
@@ -501,7 +476,7 @@ def train(args) -> dict:
             log(record)
             window_losses, window_aux_losses, window_start = [], [], time.perf_counter()
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(accelerator, output_dir, step, position)
+            save(step, position)
             window_start = time.perf_counter()
     progress.close()
     summary = {
@@ -520,8 +495,8 @@ def train(args) -> dict:
             model, val_blocks, args.batch_size, accelerator.device, config.num_experts_per_tok
         )
     if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
-        if not (output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
-            save_checkpoint(accelerator, output_dir, step, position)
+        if not checkpoints.checkpoint_path(output_dir, step).is_dir():
+            save(step, position)
         return summary
 
     accelerator.wait_for_everyone()

