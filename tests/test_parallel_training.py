@@ -1,0 +1,105 @@
+"""scripts/train.py across processes: track parallelism (`--track-parallel W`) against one process.
+
+Every multi-process test starts a real launcher (torchrun) on gloo with `OMP_NUM_THREADS=1` per rank and a hard
+timeout. The oracle is `train.py` in this process with the same seed and global batch: each rank of the launched job
+records its parameters when training ends and the collectives of every optimizer step
+(tests/support/parallel_train_worker.py).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import parallel
+import train
+from helpers import ROOT, SUPPORT, TRAIN_ARGS, child_env, run_launcher
+from modeling_ptt import PTConfig
+
+
+WORKER = SUPPORT / "parallel_train_worker.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+MOE = ["--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"), "--num-hidden-layers", "4"]
+# clipping at 0.1 is active on every step of these runs (their gradient norms start above 1)
+STEPS = ["--max-steps", "3", "--log-every", "1", "--eval-every", "3", "--eval-blocks", "4", "--max-grad-norm", "0.1",
+         "--gradient-accumulation-steps", "2"]
+
+
+def launch(tmp_path: Path, processes: int, args: list[str]) -> list[dict]:
+    out = tmp_path / "ranks"
+    out.mkdir()
+    run_launcher([str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", str(WORKER), str(out), "--", *args],
+                 child_env(), timeout_s=120)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(processes)]
+
+
+def losses(run: Path) -> list:
+    return [(r["step"], r["loss"], r.get("aux_loss"), r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
+
+
+def assert_logs_close(got: list, expected: list) -> None:
+    assert [r[0] for r in got] == [r[0] for r in expected]
+    for a, b in zip(got, expected):
+        for x, y in zip(a[1:], b[1:]):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x == pytest.approx(y, rel=1e-5, abs=1e-6), (a, b)
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_track_parallel_training_equals_one_process(corpus, tmp_path, model):
+    """2 ranks x 1 track each == 1 process x 2 tracks, for AdamW steps with gradient accumulation and clipping: the same
+    losses (fp32, rel 1e-5), every rank's track slices and its replica of the shared weights equal to the one
+    process's weights, the shared weights bit-identical on both ranks, the same exported model. PT-MoE trains with
+    its load-balancing loss, which must then be the mean over both ranks' routers."""
+    common = ["--data", str(corpus), *TRAIN_ARGS, *STEPS, *(MOE if model == "moe" else [])]
+    single = tmp_path / "single"
+    train.train(train.parse_args([*common, "--output-dir", str(single)]))
+    tp = tmp_path / "tp"
+    ranks = launch(tmp_path, 2, [*common, "--output-dir", str(tp), "--track-parallel", "2"])
+
+    assert_logs_close(losses(tp), losses(single))
+    expected = load_file(single / "model.safetensors")
+    for rank, seen in enumerate(ranks):
+        assert seen["tracks"] == range(rank, rank + 1)
+        for name, param in seen["parameters"].items():
+            full = expected[name]
+            want = full[rank : rank + 1] if param.shape != full.shape else full
+            torch.testing.assert_close(param, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+    shared = [name for name, param in ranks[0]["parameters"].items() if param.shape == expected[name].shape]
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(shared)
+    for name in shared:
+        assert torch.equal(ranks[0]["parameters"][name], ranks[1]["parameters"][name]), name
+    exported = load_file(tp / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-6)
+
+    # collectives per optimizer step: per micro-batch one all_reduce per merge forward and per dispatch backward
+    # (and one for PT-MoE's aux loss), then one for the clipping norm; one replica, so no loss reduction
+    config = PTConfig(**train.config_values(train.parse_args(common)))
+    micro_batches = 2
+    per_micro_batch = 2 * config.num_sync_points + (model == "moe")
+    for seen in ranks:
+        assert seen["step_collectives"] == [{"c10d.allreduce_": micro_batches * per_micro_batch + 1}] * 3
+
+
+def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
+    config = PTConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, num_tracks=4, mlp_layer_types=["dense", "sparse"], num_experts=2,
+                      num_experts_per_tok=1, moe_intermediate_size=8)
+    whole = parallel.init_from_scratch(config, seed=3, tracks=range(4)).state_dict()
+    track_stacked = set(parallel.init_from_scratch(config, seed=3, tracks=range(4)).track_stacked_parameter_names())
+    assert whole["model.layers.0.self_attn.q_proj.weight"].std() == pytest.approx(config.initializer_range, rel=0.2)
+    assert not torch.equal(whole["model.layers.0.mlp.gate_proj.weight"], whole["model.layers.0.mlp.up_proj.weight"])
+    for tracks in (range(0, 2), range(2, 4), range(3, 4)):
+        part = parallel.init_from_scratch(config, seed=3, tracks=tracks).state_dict()
+        assert part.keys() == whole.keys()
+        for name, tensor in whole.items():
+            want = tensor[tracks.start : tracks.stop] if name in track_stacked else tensor
+            assert torch.equal(part[name], want), (tracks, name)
+    other_seed = parallel.init_from_scratch(config, seed=4, tracks=range(4)).state_dict()
+    assert not torch.equal(other_seed["lm_head.weight"], whole["lm_head.weight"])
