@@ -6,7 +6,7 @@ records its parameters when training ends and the collectives of every optimizer
 (tests/support/parallel_train_worker.py).
 """
 
-import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import parallel
 import train
-from helpers import ROOT, SUPPORT, TRAIN_ARGS, child_env, run_launcher
+from helpers import LAUNCH_TIMEOUT_S, ROOT, SUPPORT, TRAIN_ARGS, child_env, free_port, run_launcher
 from modeling_ptt import PTConfig
 
 
@@ -103,3 +103,46 @@ def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
             assert torch.equal(part[name], want), (tracks, name)
     other_seed = parallel.init_from_scratch(config, seed=4, tracks=range(4)).state_dict()
     assert not torch.equal(other_seed["lm_head.weight"], whole["lm_head.weight"])
+
+
+@pytest.mark.parametrize(
+    "processes, track_parallel, extra, message",
+    [
+        (2, 3, [], r"--track-parallel 3 does not divide num_tracks=2"),
+        (3, 2, [], r"--track-parallel 2 does not divide the 3 launched processes"),
+        (1, 0, [], r"--track-parallel 0: must be at least 1"),
+        (2, 2, ["--mixed-precision", "fp16"], r"fp16 .*--track-parallel"),
+        (2, 2, ["--save-every", "2"], r"--save-every.*--track-parallel"),
+    ],
+    ids=["w-not-dividing-tracks", "w-not-dividing-processes", "w-zero", "fp16", "checkpoints"],
+)
+def test_impossible_layouts_fail_before_any_process_group_or_weight(tmp_path, monkeypatch, processes, track_parallel,
+                                                                    extra, message):
+    """What every rank checks first: WORLD_SIZE says how many processes the launcher started, and no process group
+    is started (this process has no peers, so starting one would hang)."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    monkeypatch.setattr(train, "prepare_data", lambda args: pytest.fail("data read before the layout was checked"))
+    with pytest.raises(ValueError, match=message):
+        train.train(train.parse_args(["--output-dir", str(tmp_path), *TRAIN_ARGS, "--track-parallel",
+                                      str(track_parallel), *extra]))
+    assert not torch.distributed.is_initialized()
+
+
+def test_every_rank_names_the_bad_layout_on_its_own(tmp_path):
+    """Both ranks of a 2-process job fail by themselves, naming the numbers, without waiting for a peer. (Started by
+    hand: torchrun would terminate the second rank as soon as the first one fails.)"""
+    port = free_port()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "train.py"), *TRAIN_ARGS, "--track-parallel", "4", "--output-dir",
+             str(tmp_path)],
+            env=child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    for process in ranks:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+        assert process.returncode != 0
+        assert "ValueError: --track-parallel 4 does not divide num_tracks=2" in output, output[-3000:]
