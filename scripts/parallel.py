@@ -1,20 +1,22 @@
-"""How `train.py` spreads one training job over its processes: data parallel through accelerate, or track parallel.
+"""How `train.py` spreads one training job over its processes: data parallel through accelerate, or over a mesh.
 
 Data parallel (`DataParallel`): every process holds the whole model; accelerate wraps it in DDP, which averages every
-gradient over all processes once per optimizer step.
+gradient over all processes once per optimizer step, or, given an FSDP2 config (`--fsdp`, or an accelerate config
+file with `fsdp_version: 2`) on GPUs, shards it with FSDP2.
 
-Track parallel (`TrackParallel`, `--track-parallel W`): the processes form a 2-D `DeviceMesh` `(data, tracks)` of
-shape `(P / W, W)`, `P` the process count. The `W` ranks of one row are a track group: rank `t` of the row holds the
-tracks `[t*n/W, (t+1)*n/W)` and a replica of the shared embedding, final norm and LM head, and the model's merges
-all_reduce over the row (`PTTrackSync`'s f/g pair, so gradients come out as one process's). The rows are data-parallel
-replicas: they read different batches, and DDP over each column (the ranks that hold the same tracks) averages their
-gradients. The ranks of a row read the same batches and are never wrapped in DDP together: DDP would broadcast one
-rank's tracks to the others and average different tracks' gradients.
+Mesh (`MeshParallel`, `--track-parallel W`, and FSDP2 where accelerate does not apply it): the processes form a 2-D
+`DeviceMesh` `(data, tracks)` of shape `(P / W, W)`, `P` the process count. The `W` ranks of one row are a track
+group: rank `t` of the row holds the tracks `[t*n/W, (t+1)*n/W)` and a replica of the shared embedding, final norm
+and LM head, and the model's merges all_reduce over the row (`PTTrackSync`'s f/g pair, so gradients come out as one
+process's). The rows are data-parallel replicas: they read different batches, and DDP, or FSDP2 with `--fsdp`, over
+each column (the ranks that hold the same tracks) averages their gradients. The ranks of a row read the same batches
+and are never wrapped in DDP together: DDP would broadcast one rank's tracks to the others and average different
+tracks' gradients.
 
 Per optimizer step a track-parallel job runs, besides the merges (`2*ceil(L/D)` all_reduces per micro-batch forward and
 backward, `4L` in tensor_parallel mode, one more for a PT-MoE's load-balancing loss): one all_reduce of the tracks'
-squared gradient norms for clipping, DDP's gradient buckets when there is more than one row, and the loss's
-reduction over the rows for the log.
+squared gradient norms for clipping, the data axis's gradient reduction (DDP's buckets, or FSDP2's all-gathers and
+reduce-scatters) when there is more than one row, and the loss's reduction over the rows for the log.
 """
 
 import hashlib
@@ -23,10 +25,13 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import parse_flag_from_env
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import get_total_norm
 
 from modeling_ptt import PTConfig, PTForCausalLM
 
@@ -82,15 +87,21 @@ def init_from_scratch(config: PTConfig, seed: int, tracks: range) -> PTForCausal
 class DataParallel:
     """Every process trains the whole model; accelerate's DDP averages the gradients (the default mode)."""
 
-    def __init__(self, mixed_precision: str, gradient_accumulation_steps: int):
+    def __init__(self, mixed_precision: str, gradient_accumulation_steps: int, fsdp: bool = False):
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         has_accelerator = torch.accelerator.is_available()
+        self.fsdp = fsdp
+        # asked for on the command line rather than by an accelerate config file (which sets it up itself)
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["PTDecoderLayer"]
+        ) if fsdp and not parse_flag_from_env("ACCELERATE_USE_FSDP") else None
         self.accelerator = Accelerator(
             # accelerate's torchrun launcher on a machine without GPUs: data parallel over gloo on the CPU (without
             # cpu=True every process would believe it trains alone)
             cpu=launched > 1 and not has_accelerator,
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            fsdp_plugin=plugin,
         )
         if self.accelerator.num_processes != launched:
             raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs "
@@ -107,6 +118,8 @@ class DataParallel:
 
     def prepare(self, model, optimizer, scheduler):
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp:
+            check_sharded(model)
         # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
         self.accelerator.register_for_checkpointing(scheduler)
         return model, optimizer
@@ -133,16 +146,22 @@ class DataParallel:
 
     def full_model(self, model) -> PTForCausalLM | None:
         """The whole trained model on the main process (None elsewhere), for `save_pretrained`."""
-        return self.accelerator.unwrap_model(model) if self.is_main_process else None
+        if not self.fsdp:
+            return self.accelerator.unwrap_model(model) if self.is_main_process else None
+        state_dict = self.accelerator.get_state_dict(model)  # gathers the shards: every process takes part
+        return model_from_state_dict(model.config, state_dict, model.generation_config) if self.is_main_process \
+            else None
 
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
 
-class TrackParallel:
-    """The tracks over the "tracks" axis of a `(data, tracks)` mesh, DDP over the "data" axis (see the module doc)."""
+class MeshParallel:
+    """A `(data, tracks)` mesh: the tracks split over the "tracks" axis, and over the "data" axis either DDP or, with
+    `shard=True`, FSDP2 (`fully_shard` on every `PTDecoderLayer` and the root, over "data" only: a rank's track
+    slices are sharded among the ranks that hold the same tracks). See the module doc."""
 
-    def __init__(self, track_parallel: int, mixed_precision: str, gradient_accumulation_steps: int):
+    def __init__(self, track_parallel: int, shard: bool, mixed_precision: str, gradient_accumulation_steps: int):
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -152,6 +171,7 @@ class TrackParallel:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.track_parallel = track_parallel
         self.num_replicas = num_processes // track_parallel
+        self.shard = shard
         if num_processes > 1:
             self.mesh = init_device_mesh(self.device.type, (self.num_replicas, track_parallel),
                                          mesh_dim_names=("data", "tracks"))
@@ -166,7 +186,7 @@ class TrackParallel:
         self.accumulation_steps = gradient_accumulation_steps
         self.micro_steps = 0
         self.tracks: range | None = None
-        self.track_params: set[int] = set()
+        self.track_param_names: set[str] = set()
 
     def track_range(self, num_tracks: int) -> range:
         per_rank = num_tracks // self.track_parallel
@@ -175,12 +195,28 @@ class TrackParallel:
 
     def prepare(self, model: PTForCausalLM, optimizer, scheduler):
         model.place_tracks(self.track_group if self.track_parallel > 1 else None, len(self.tracks))
-        names = set(model.track_stacked_parameter_names())
-        self.track_params = {id(param) for name, param in model.named_parameters() if name in names}
-        if self.num_replicas > 1:
+        self.track_param_names = set(model.track_stacked_parameter_names())
+        if self.num_replicas == 1:
+            return model, optimizer
+        if not self.shard:
             # the buffers (RoPE) are computed alike everywhere: nothing to broadcast before every forward
             model = DistributedDataParallel(model, process_group=self.data_group, broadcast_buffers=False,
                                             device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            return model, optimizer
+        names = {id(param): name for name, param in model.named_parameters()}
+        track_stacked = {id(param) for name, param in model.named_parameters() if name in self.track_param_names}
+
+        def placement(param: torch.nn.Parameter) -> Shard | None:
+            # a rank's few tracks (often one) would split unevenly along dim 0: shard a layer's tensors by rows
+            return Shard(1) if id(param) in track_stacked else None
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=self.mesh["data"], shard_placement_fn=placement)
+        fully_shard(model, mesh=self.mesh["data"])
+        check_sharded(model)
+        sharded = dict(model.named_parameters())  # fully_shard swapped every parameter for a DTensor shard
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(param)]] for param in group["params"]]
         return model, optimizer
 
     @property
@@ -189,10 +225,14 @@ class TrackParallel:
 
     @contextmanager
     def accumulate(self, model):
-        """One micro-batch; DDP reduces the gradients only on the last one of an optimizer step."""
+        """One micro-batch; the data axis reduces the gradients only on the last one of an optimizer step."""
         self.micro_steps += 1
-        skip_sync = not self.sync_gradients and isinstance(model, DistributedDataParallel)
-        with model.no_sync() if skip_sync else nullcontext(), self.autocast:
+        skip_sync = nullcontext()
+        if isinstance(model, DistributedDataParallel) and not self.sync_gradients:
+            skip_sync = model.no_sync()
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(self.sync_gradients)
+        with skip_sync, self.autocast:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -200,15 +240,17 @@ class TrackParallel:
 
     def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole model's gradient: the ranks' track parts are disjoint, so their squared norms
-        add up (one all_reduce); the shared part is the same on every rank and counts once."""
-        params = [param for param in model.parameters() if param.grad is not None]
-        track = [param.grad for param in params if id(param) in self.track_params]
-        shared = [param.grad for param in params if id(param) not in self.track_params]
-        squared = get_total_norm(track).square() if track else torch.zeros((), device=self.device)
-        if self.track_group is not None:
+        add up (one all_reduce); the shared part is the same on every rank of a track group and counts once."""
+        named = [(name, param.grad) for name, param in unwrap(model).named_parameters() if param.grad is not None]
+        track = [grad for name, grad in named if name in self.track_param_names]
+        shared = [grad for name, grad in named if name not in self.track_param_names]
+        squared = full_norm(track).square()
+        if self.track_parallel > 1:
             dist.all_reduce(squared, group=self.track_group)
-        total = (squared + get_total_norm(shared).square()).sqrt()
-        clip_grads_with_norm_(params, max_norm, total)
+        total = (squared + full_norm(shared).square()).sqrt()
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for _, grad in named:
+            (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coefficient)
         return total
 
     def mean(self, value: torch.Tensor) -> float:
@@ -219,36 +261,61 @@ class TrackParallel:
 
     def gather_tracks(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' local-track `tensor`s of one track group along `dim` (the track dim)."""
-        if self.track_group is None or self.track_parallel == 1:
+        if self.track_parallel == 1:
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.track_parallel)]
         dist.all_gather(parts, tensor.contiguous(), group=self.track_group)
         return torch.cat(parts, dim)
 
     def full_model(self, model) -> PTForCausalLM | None:
-        """The whole model, gathered from the first row's ranks one tensor at a time, on the main process."""
-        model = model.module if isinstance(model, DistributedDataParallel) else model
-        names = set(model.track_stacked_parameter_names())
+        """The whole model on the main process, gathered one tensor at a time (from the data shards, then from the
+        tracks); None elsewhere."""
+        model = unwrap(model)
         state_dict = {}
         for name, tensor in model.state_dict().items():
-            tensor = self.gather_tracks(tensor, 0) if name in names else tensor
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            tensor = self.gather_tracks(tensor, 0) if name in self.track_param_names else tensor
             if self.is_main_process:
-                state_dict[name] = tensor.detach().cpu()
-        if not self.is_main_process:
-            return None
-        with torch.device("meta"):
-            full = PTForCausalLM(model.config)
-        full.load_state_dict(state_dict, assign=True)
-        if model.config.tie_word_embeddings:
-            full.tie_weights()
-        for buffer_owner in full.modules():  # RoPE's non-persistent buffers are not in the state dict
-            if any(buffer.is_meta for buffer in buffer_owner.buffers(recurse=False)):
-                buffer_owner.to_empty(device="cpu", recurse=False)
-                full._init_weights(buffer_owner)
-        full.generation_config = model.generation_config
-        return full
+                state_dict[name] = tensor
+        return model_from_state_dict(model.config, state_dict, model.generation_config) if self.is_main_process \
+            else None
 
     def wait_for_everyone(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
+
+def model_from_state_dict(config: PTConfig, state_dict: dict, generation_config) -> PTForCausalLM:
+    """A whole model holding `state_dict`'s tensors (without copying them), for `save_pretrained`."""
+    with torch.device("meta"):
+        model = PTForCausalLM(config)
+    model.load_state_dict({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for owner in model.modules():  # RoPE's non-persistent buffers are not in the state dict
+        if any(buffer.is_meta for buffer in owner.buffers(recurse=False)):
+            owner.to_empty(device="cpu", recurse=False)
+            model._init_weights(owner)
+    model.generation_config = generation_config
+    return model
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def full_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of `grads` together, as a plain tensor (FSDP2's DTensor shards reduce over "data")."""
+    if not grads:
+        return torch.zeros(())
+    norm = get_total_norm(grads)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def check_sharded(model) -> None:
+    """FSDP was asked for: every parameter must be a DTensor shard (accelerate silently trains unsharded where its
+    FSDP does not apply, e.g. without GPUs)."""
+    plain = [name for name, param in model.named_parameters() if not isinstance(param, DTensor)]
+    if plain:
+        raise RuntimeError(f"FSDP was requested but {len(plain)} parameters are not sharded (e.g. {plain[:3]}): "
+                           "the model would train as a full replica on every process")

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from modeling_ptt import PTConfig, PTForCausalLM
-from parallel import DataParallel, TrackParallel, check_layout, init_from_scratch
+from parallel import DataParallel, MeshParallel, check_layout, init_from_scratch
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,14 +406,28 @@ def start_processes(args):
     if args.mixed_precision is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.mixed_precision = "bf16" if bf16 else "no"
-    if args.track_parallel is None:
-        return DataParallel(args.mixed_precision, args.gradient_accumulation_steps)
+    fsdp = args.fsdp or fsdp_from_accelerate_config()
+    if args.track_parallel is None and (not fsdp or torch.cuda.is_available()):
+        return DataParallel(args.mixed_precision, args.gradient_accumulation_steps, fsdp=fsdp)
+    # tracks over ranks, or FSDP2 where accelerate would not apply it (no GPU): torch's own DeviceMesh and fully_shard
+    track_parallel = args.track_parallel or 1
     num_tracks = config_values(args).get("num_tracks", PTConfig.num_tracks)
-    check_layout(int(os.environ.get("WORLD_SIZE", "1")), args.track_parallel, num_tracks, args.mixed_precision)
+    check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision)
     if args.save_every or args.resume or args.stop_at_step:
-        raise ValueError("--save-every, --resume and --stop-at-step are not supported with --track-parallel yet: "
-                         "its checkpoints would need every rank's shards")
-    return TrackParallel(args.track_parallel, args.mixed_precision, args.gradient_accumulation_steps)
+        raise ValueError(f"--save-every, --resume and --stop-at-step are not supported with "
+                         f"{'--track-parallel' if args.track_parallel else 'FSDP on the CPU'} yet: its checkpoints "
+                         "would need every rank's shards")
+    return MeshParallel(track_parallel, fsdp, args.mixed_precision, args.gradient_accumulation_steps)
+
+
+def fsdp_from_accelerate_config() -> bool:
+    """Whether `accelerate launch` was given an FSDP config file (it says so in the environment)."""
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}: "
+                         "train.py supports fsdp_version: 2 (fully_shard)")
+    return True
 
 
 def train_step(model, optimizer, parallel, batches, max_grad_norm: float) -> tuple[float, float | None]:
@@ -619,6 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     layout.add_argument("--track-parallel", type=int, metavar="W",
                         help="split every model's tracks over W processes (W must divide num_tracks and the "
                              "process count); without it, every process holds the whole model (data parallel)")
+    layout.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer state over the data-parallel processes with "
+                             "FSDP2 (also what an accelerate config with fsdp_version: 2 asks for)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=str(ROOT / "outputs" / "train"))

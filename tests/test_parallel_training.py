@@ -87,6 +87,52 @@ def test_track_parallel_training_equals_one_process(corpus, tmp_path, model):
         assert seen["step_collectives"] == [{"c10d.allreduce_": micro_batches * per_micro_batch + 1}] * 3
 
 
+def assert_shards_equal(seen: dict, expected: dict, num_shards: int, shard: int, tracks: range) -> None:
+    """`seen` holds this rank's tracks `tracks` of every layer's tensor, and of every tensor then FSDP2's shard `shard`
+    of `num_shards` (torch.chunk's pieces: a layer's tensors along dim 1, the others along dim 0)."""
+    track_stacked = {name for name in expected if name.startswith("model.layers.")}
+    for name, param in seen["parameters"].items():
+        want = expected[name][tracks.start : tracks.stop] if name in track_stacked else expected[name]
+        if num_shards > 1:
+            assert seen["parameter_types"][name] == "DTensor", name
+            want = want.chunk(num_shards, dim=1 if name in track_stacked else 0)[shard]
+        torch.testing.assert_close(param, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["fsdp-accelerate", "2x2-ddp", "2x2-fsdp"])
+def test_data_parallel_layouts_equal_one_process(corpus, tmp_path, layout):
+    """FSDP2 over 2 processes (launched with accelerate's FSDP config file), and a (data, tracks) mesh of 2 x 2
+    processes with DDP or FSDP2 over "data", each replica taking batch 2, == 1 process with batch 4: the same losses
+    and weights, and every parameter of an FSDP2 run really is a sharded DTensor."""
+    common = ["--data", str(corpus), *TRAIN_ARGS, *STEPS]
+    single = tmp_path / "single"
+    train.train(train.parse_args([*common, "--output-dir", str(single)]))
+    out, run = tmp_path / "ranks", tmp_path / "run"
+    out.mkdir()
+    args = [*common, "--batch-size", "2", "--output-dir", str(run)]
+    if layout == "fsdp-accelerate":
+        launcher = [str(TORCHRUN.parent / "accelerate"), "launch", "--config_file",
+                    str(ROOT / "configuration" / "accelerate" / "fsdp2_cpu_2proc.yaml"), "--main_process_port",
+                    str(free_port())]
+        processes = 2
+    else:
+        launcher, processes = [str(TORCHRUN), "--standalone", "--nproc-per-node=4"], 4
+        args += ["--track-parallel", "2", *(["--fsdp"] if layout == "2x2-fsdp" else [])]
+    run_launcher([*launcher, str(WORKER), str(out), "--", *args], child_env(), timeout_s=150)
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(processes)]
+
+    assert_logs_close(losses(run), losses(single))
+    expected = load_file(single / "model.safetensors")
+    for rank, seen in enumerate(ranks):
+        replica, track = (rank, 0) if processes == 2 else divmod(rank, 2)
+        shards = 1 if layout == "2x2-ddp" else 2
+        assert_shards_equal(seen, expected, shards, replica, seen["tracks"])
+        assert seen["tracks"] == (range(2) if processes == 2 else range(track, track + 1))
+    exported = load_file(run / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-6)
+
+
 def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
     config = PTConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, num_tracks=4, mlp_layer_types=["dense", "sparse"], num_experts=2,

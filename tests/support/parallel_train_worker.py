@@ -1,7 +1,7 @@
 """One rank of a `scripts/train.py` job under torchrun, recording what the test compares with one process.
 
 It runs `train.main` unchanged, and around two of its helpers records, in `OUT/rank{r}.pt`: the collectives of every
-optimizer step (`train_step`, counted by scripts/collectives.py) and this rank's parameters when training ends (just
+optimizer step (`train_step`, counted by scripts/collectives.py) and this rank's parameters (its FSDP shards, if sharded) when training ends (just
 before `export` gathers them).
 
     torchrun --nproc-per-node 2 parallel_train_worker.py OUT -- <train.py arguments>
@@ -12,6 +12,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 import train
 from collectives import CollectiveCounter
@@ -30,8 +32,12 @@ def main():
 
     def recorded_export(model, parallel, *args, **kwargs):
         local = model.module if hasattr(model, "module") else model
+        if isinstance(local, FSDPModule):
+            local.reshard()  # FSDP2 keeps the root's parameters gathered after a forward (here the last evaluation)
         recorded["tracks"] = parallel.tracks
-        recorded["parameters"] = {name: param.detach().clone() for name, param in local.named_parameters()}
+        recorded["parameter_types"] = {name: type(param).__name__ for name, param in local.named_parameters()}
+        recorded["parameters"] = {name: (param.to_local() if isinstance(param, DTensor) else param).detach().clone()
+                                  for name, param in local.named_parameters()}
         return export(model, parallel, *args, **kwargs)
 
     train.train_step, train.export = counted_train_step, recorded_export
