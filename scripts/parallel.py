@@ -20,13 +20,17 @@ reduce-scatters) when there is more than one row, and the loss's reduction over 
 """
 
 import hashlib
+import json
 import os
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.utils import parse_flag_from_env
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -34,6 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
 from modeling_ptt import PTConfig, PTForCausalLM
+
+
+SCHEDULE_STATE = "schedule.json"  # the LR scheduler's state and the optimizer's param groups (learning rates)
 
 
 def check_layout(num_processes: int, track_parallel: int, num_tracks: int, mixed_precision: str) -> None:
@@ -152,6 +159,12 @@ class DataParallel:
         return model_from_state_dict(model.config, state_dict, model.generation_config) if self.is_main_process \
             else None
 
+    def save_state(self, directory: Path, model, optimizer, scheduler) -> None:
+        self.accelerator.save_state(str(directory))
+
+    def load_state(self, directory: Path, model, optimizer, scheduler) -> None:
+        self.accelerator.load_state(str(directory))
+
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -200,7 +213,7 @@ class MeshParallel:
             return model, optimizer
         if not self.shard:
             # the buffers (RoPE) are computed alike everywhere: nothing to broadcast before every forward
-            model = DistributedDataParallel(model, process_group=self.data_group, broadcast_buffers=False,
+            model = DistributedDataParallel(model, process_group=self.data_group, forward_sync_buffers=False,
                                             device_ids=[self.device.index] if self.device.type == "cuda" else None)
             return model, optimizer
         names = {id(param): name for name, param in model.named_parameters()}
@@ -279,6 +292,46 @@ class MeshParallel:
                 state_dict[name] = tensor
         return model_from_state_dict(model.config, state_dict, model.generation_config) if self.is_main_process \
             else None
+
+    def sharded_state(self, model, optimizer) -> dict[str, torch.Tensor]:
+        """The model's and AdamW's tensors by name, each as what it is globally: a rank's track slice as its `Shard(0)`
+        of a DTensor over the "tracks" axis (so a checkpoint holds every tensor whole, whatever W wrote it), an FSDP2
+        shard as its DTensor. The tensors share storage with the live ones: loading into them loads the model."""
+        def global_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.detach()
+            if self.track_parallel > 1 and name in self.track_param_names and tensor.dim() > 0:
+                return DTensor.from_local(tensor, self.mesh["tracks"], [Shard(0)], run_check=False)
+            return tensor
+
+        named = dict(unwrap(model).named_parameters())
+        state = {f"model.{name}": global_view(name, param) for name, param in named.items()}
+        for name, param in named.items():
+            if not optimizer.state[param]:  # a fresh AdamW creates its state at the first step: create it now
+                optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param.detach()),
+                                              exp_avg_sq=torch.zeros_like(param.detach()))
+            for key, value in optimizer.state[param].items():
+                state[f"optimizer.{name}.{key}"] = global_view(name, value)
+        return state
+
+    def save_state(self, directory: Path, model, optimizer, scheduler) -> None:
+        """Collective: every rank writes its own shards, as safetensors files that carry torch.distributed.checkpoint's
+        sharding in their metadata (nothing is pickled); the scheduler and the optimizer's learning rates as JSON."""
+        if self.shard and self.track_parallel > 1:
+            raise ValueError("checkpoints of FSDP2 combined with --track-parallel are not supported")
+        dcp.save(self.sharded_state(model, optimizer),
+                 storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+        if self.is_main_process:
+            groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+            (directory / SCHEDULE_STATE).write_text(json.dumps({"scheduler": scheduler.state_dict(),
+                                                                "param_groups": groups}))
+
+    def load_state(self, directory: Path, model, optimizer, scheduler) -> None:
+        """Load what `save_state` wrote, with any number of ranks: every rank reads the parts of each tensor it holds."""
+        dcp.load(self.sharded_state(model, optimizer), storage_reader=HuggingFaceStorageReader(str(directory)))
+        state = json.loads((directory / SCHEDULE_STATE).read_text())
+        scheduler.load_state_dict(state["scheduler"])
+        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+            group.update(saved)
 
     def wait_for_everyone(self) -> None:
         if dist.is_initialized():

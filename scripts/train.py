@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
@@ -346,17 +345,23 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, position: int) -> Path:
-    """Model, optimizer, scheduler, RNG states (every process) and data position, written into a temporary directory
-    and renamed into place; older checkpoints are removed only after that."""
+def save_checkpoint(parallel, model, optimizer, scheduler, output_dir: Path, step: int, position: int,
+                    layout: dict) -> Path:
+    """Model, optimizer, scheduler (and, data parallel, the RNG states of every process), the data position and the
+    layout that fixes which blocks a position means, written into a temporary directory and renamed into place;
+    older checkpoints are removed only after that."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process and temporary.exists():
+    if parallel.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    if accelerator.is_main_process:
-        (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "position": position}))
+    parallel.wait_for_everyone()
+    if parallel.is_main_process:
+        temporary.mkdir()
+    parallel.wait_for_everyone()
+    parallel.save_state(temporary, model, optimizer, scheduler)
+    parallel.wait_for_everyone()
+    if parallel.is_main_process:
+        (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "position": position, **layout}))
         for path in temporary.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -364,7 +369,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, posit
         for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             if old != final:
                 shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    parallel.wait_for_everyone()
     return final
 
 
@@ -413,10 +418,9 @@ def start_processes(args):
     track_parallel = args.track_parallel or 1
     num_tracks = config_values(args).get("num_tracks", PTConfig.num_tracks)
     check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision)
-    if args.save_every or args.resume or args.stop_at_step:
-        raise ValueError(f"--save-every, --resume and --stop-at-step are not supported with "
-                         f"{'--track-parallel' if args.track_parallel else 'FSDP on the CPU'} yet: its checkpoints "
-                         "would need every rank's shards")
+    if fsdp and track_parallel > 1 and (args.save_every or args.resume or args.stop_at_step):
+        raise ValueError("--save-every, --resume and --stop-at-step are not supported with FSDP and --track-parallel "
+                         "together yet")
     return MeshParallel(track_parallel, fsdp, args.mixed_precision, args.gradient_accumulation_steps)
 
 
@@ -487,13 +491,23 @@ class TrainLog:
         self.restart_window()
 
 
-def resume_state(args, parallel, output_dir: Path) -> tuple[int, int]:
-    """(step, data position) of the checkpoint `--resume` names, loaded into the prepared objects."""
+def resume_state(args, parallel, model, optimizer, scheduler, output_dir: Path, layout: dict) -> tuple[int, int]:
+    """(step, data position) of the checkpoint `--resume` names, loaded into the prepared objects. The data position
+    counts micro-batches, so it means the same blocks only with the same blocks per global micro-batch and the same
+    accumulation; anything else is refused, naming both layouts."""
     checkpoint = latest_checkpoint(output_dir) if args.resume is True else Path(args.resume)
     if checkpoint is None:
         raise FileNotFoundError(f"--resume: no {CHECKPOINT_PREFIX}* directory in {output_dir}")
-    parallel.accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = {key: state[key] for key in layout if key in state}
+    if saved and (saved["global_micro_batch"], saved["gradient_accumulation_steps"]) != (
+            layout["global_micro_batch"], layout["gradient_accumulation_steps"]):
+        raise ValueError(f"--resume {checkpoint}: it was written by {saved['data_replicas']} data-parallel replicas x "
+                         f"--batch-size {saved['global_micro_batch'] // saved['data_replicas']} x accumulation "
+                         f"{saved['gradient_accumulation_steps']}, this job has {layout['data_replicas']} x "
+                         f"{layout['global_micro_batch'] // layout['data_replicas']} x "
+                         f"{layout['gradient_accumulation_steps']}: keep the global batch and the accumulation")
+    parallel.load_state(checkpoint, model, optimizer, scheduler)
     return state["step"], state["position"]
 
 
@@ -534,7 +548,12 @@ def train(args) -> dict:
     sampler = BlockSampler(len(train_blocks), args.batch_size, parallel.num_replicas, parallel.replica_index, args.seed)
     tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * parallel.num_replicas
     log = TrainLog(output_dir / LOG_NAME, parallel.is_main_process, tokens_per_step)
-    step, position = resume_state(args, parallel, output_dir) if args.resume else (0, 0)
+    # which blocks a data position means: resuming needs the same (any process count that keeps it)
+    layout = {"global_micro_batch": args.batch_size * parallel.num_replicas, "data_replicas": parallel.num_replicas,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    step, position = 0, 0
+    if args.resume:
+        step, position = resume_state(args, parallel, model, optimizer, scheduler, output_dir, layout)
     log.start(step if args.resume else None)
 
     val_loss_before = val_loss_after = validation_loss(model, val_blocks, args.batch_size, parallel.device)
@@ -570,7 +589,7 @@ def train(args) -> dict:
             val_loss_after = val_loss if evaluate_now else val_loss_after
             log.write_window(step, lr, val_loss)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(parallel.accelerator, output_dir, step, position)
+            save_checkpoint(parallel, model, optimizer, scheduler, output_dir, step, position, layout)
             log.restart_window()
     progress.close()
 
@@ -591,7 +610,7 @@ def train(args) -> dict:
         )
     if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
         if not (output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
-            save_checkpoint(parallel.accelerator, output_dir, step, position)
+            save_checkpoint(parallel, model, optimizer, scheduler, output_dir, step, position, layout)
         return summary
     parallel.wait_for_everyone()
     export(model, parallel, tokenizer, config, args, val_docs, output_dir)

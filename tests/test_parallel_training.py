@@ -6,6 +6,7 @@ records its parameters when training ends and the collectives of every optimizer
 (tests/support/parallel_train_worker.py).
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,9 +159,9 @@ def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
         (3, 2, [], r"--track-parallel 2 does not divide the 3 launched processes"),
         (1, 0, [], r"--track-parallel 0: must be at least 1"),
         (2, 2, ["--mixed-precision", "fp16"], r"fp16 .*--track-parallel"),
-        (2, 2, ["--save-every", "2"], r"--save-every.*--track-parallel"),
+        (4, 2, ["--fsdp", "--save-every", "2"], r"--save-every.*FSDP and --track-parallel"),
     ],
-    ids=["w-not-dividing-tracks", "w-not-dividing-processes", "w-zero", "fp16", "checkpoints"],
+    ids=["w-not-dividing-tracks", "w-not-dividing-processes", "w-zero", "fp16", "fsdp-tracks-checkpoints"],
 )
 def test_impossible_layouts_fail_before_any_process_group_or_weight(tmp_path, monkeypatch, processes, track_parallel,
                                                                     extra, message):
@@ -192,3 +193,42 @@ def test_every_rank_names_the_bad_layout_on_its_own(tmp_path):
         output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
         assert process.returncode != 0
         assert "ValueError: --track-parallel 4 does not divide num_tracks=2" in output, output[-3000:]
+
+
+def test_track_parallel_resume_continues_exactly_and_on_another_process_count(corpus, tmp_path):
+    """2 ranks: 4 steps straight == 2 steps, a torch.distributed.checkpoint (every rank writes its own safetensors
+    shards; nothing pickled), resume on 2 ranks, 2 more: the same losses and weights, bitwise. The same checkpoint
+    resumed by ONE process holding both tracks (the same global batch) continues as that process would have."""
+    common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "4", "--log-every", "1", "--eval-every", "2",
+              "--eval-blocks", "4", "--gradient-accumulation-steps", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for name, extra in (("straight", []), ("first", ["--save-every", "2", "--stop-at-step", "2"]),
+                        ("resumed", ["--save-every", "2", "--resume"])):
+        run = straight if name == "straight" else split
+        out = tmp_path / f"ranks-{name}"
+        out.mkdir()
+        if name == "resumed":  # keep the checkpoint for the one-process resume below
+            shutil.copytree(split, tmp_path / "for-one-process")
+        run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--", *common,
+                      "--track-parallel", "2", "--output-dir", str(run), *extra], child_env(), timeout_s=120)
+        if name == "first":
+            checkpoint = train.latest_checkpoint(split)
+            assert checkpoint.name == "checkpoint-2"
+            assert sorted(path.suffix for path in checkpoint.iterdir()) == [".json", ".json", ".safetensors",
+                                                                          ".safetensors"]
+    assert losses(split) == losses(straight)
+    for name, tensor in load_file(straight / "model.safetensors").items():
+        assert torch.equal(load_file(split / "model.safetensors")[name], tensor), name
+
+    one = tmp_path / "for-one-process"
+    train.train(train.parse_args([*common, "--track-parallel", "1", "--output-dir", str(one), "--resume"]))
+    assert_logs_close(losses(one), losses(straight))
+    for name, tensor in load_file(straight / "model.safetensors").items():
+        torch.testing.assert_close(load_file(one / "model.safetensors")[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_global_batch_names_both_layouts(corpus, tmp_path):
+    common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "4", "--eval-blocks", "4", "--track-parallel", "1"]
+    train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--save-every", "2", "--stop-at-step", "2"]))
+    with pytest.raises(ValueError, match=r"written by 1 data-parallel replicas x --batch-size 4 .* this job has 1 x 2"):
+        train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--resume", "--batch-size", "2"]))
