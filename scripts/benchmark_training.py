@@ -10,8 +10,8 @@
 
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
 `parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
-step runs (counted at the dispatcher; DDP's bucket all_reduces run inside its C++ reducer, unseen there, so a
-communication hook counts them), and per rank the bytes of weights, gradients and AdamW state (plus
+step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
+`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of weights, gradients and AdamW state (plus
 peak allocated memory on CUDA). Ratios are against tensor_parallel in the same run.
 """
 
@@ -63,7 +63,7 @@ def measure(args, variant: str, world_size: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = parallel.prepare(model, optimizer, None)
     buckets = None
-    if isinstance(model, DistributedDataParallel):  # its bucket all_reduces run in C++, unseen by the counter
+    if isinstance(model, DistributedDataParallel):  # its built-in bucket all_reduces run in C++, unseen by the counter
         buckets = {"count": 0}
 
         def counted_allreduce(state, bucket):
@@ -129,7 +129,7 @@ def markdown(results: dict, args, world_size: int) -> str:
     for name, r in results.items():
         counts = ", ".join(f"{op.split('.')[-1]} {n}" for op, n in sorted(r["collectives_per_step"].items())) or "-"
         if "ddp_bucket_all_reduces_per_step" in r:
-            counts += f" + DDP's {r['ddp_bucket_all_reduces_per_step']} bucket all_reduces"
+            counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
         mib = sum(r["bytes_per_rank"].values()) / 2**20
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {r['tokens_per_s']:.0f} | {counts} "
                      f"| {mib:.0f} |")

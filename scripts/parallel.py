@@ -303,7 +303,10 @@ class MeshParallel:
                 return DTensor.from_local(tensor, self.mesh["tracks"], [Shard(0)], run_check=False)
             return tensor
 
-        named = dict(unwrap(model).named_parameters())
+        model = unwrap(model)
+        if isinstance(model, FSDPModule):
+            model.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: back to the shards
+        named = dict(model.named_parameters())
         state = {f"model.{name}": global_view(name, param) for name, param in named.items()}
         for name, param in named.items():
             if not optimizer.state[param]:  # a fresh AdamW creates its state at the first step: create it now

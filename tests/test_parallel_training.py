@@ -6,9 +6,9 @@ records its parameters when training ends and the collectives of every optimizer
 (tests/support/parallel_train_worker.py).
 """
 
-import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -195,36 +195,53 @@ def test_every_rank_names_the_bad_layout_on_its_own(tmp_path):
         assert "ValueError: --track-parallel 4 does not divide num_tracks=2" in output, output[-3000:]
 
 
-def test_track_parallel_resume_continues_exactly_and_on_another_process_count(corpus, tmp_path):
-    """2 ranks: 4 steps straight == 2 steps, a torch.distributed.checkpoint (every rank writes its own safetensors
-    shards; nothing pickled), resume on 2 ranks, 2 more: the same losses and weights, bitwise. The same checkpoint
-    resumed by ONE process holding both tracks (the same global batch) continues as that process would have."""
-    common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "4", "--log-every", "1", "--eval-every", "2",
-              "--eval-blocks", "4", "--gradient-accumulation-steps", "2"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    for name, extra in (("straight", []), ("first", ["--save-every", "2", "--stop-at-step", "2"]),
-                        ("resumed", ["--save-every", "2", "--resume"])):
-        run = straight if name == "straight" else split
-        out = tmp_path / f"ranks-{name}"
-        out.mkdir()
-        if name == "resumed":  # keep the checkpoint for the one-process resume below
-            shutil.copytree(split, tmp_path / "for-one-process")
-        run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--", *common,
-                      "--track-parallel", "2", "--output-dir", str(run), *extra], child_env(), timeout_s=120)
-        if name == "first":
-            checkpoint = train.latest_checkpoint(split)
-            assert checkpoint.name == "checkpoint-2"
-            assert sorted(path.suffix for path in checkpoint.iterdir()) == [".json", ".json", ".safetensors",
-                                                                          ".safetensors"]
-    assert losses(split) == losses(straight)
-    for name, tensor in load_file(straight / "model.safetensors").items():
-        assert torch.equal(load_file(split / "model.safetensors")[name], tensor), name
+RESUME = ["--max-steps", "4", "--log-every", "1", "--eval-every", "2", "--eval-blocks", "4",
+          "--gradient-accumulation-steps", "2"]
+FIRST_HALF = ["--save-every", "2", "--stop-at-step", "2"]
 
-    one = tmp_path / "for-one-process"
-    train.train(train.parse_args([*common, "--track-parallel", "1", "--output-dir", str(one), "--resume"]))
-    assert_logs_close(losses(one), losses(straight))
+
+def train_on_two_ranks(tmp_path: Path, run: Path, args: list[str]) -> None:
+    out = Path(tempfile.mkdtemp(dir=tmp_path))
+    run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--", *args,
+                  "--track-parallel", "2", "--output-dir", str(run)], child_env(), timeout_s=120)
+
+
+def test_track_parallel_resume_continues_exactly(corpus, tmp_path):
+    """2 ranks: 4 steps straight == 2 steps, a torch.distributed.checkpoint (every rank writes its own safetensors
+    shards; nothing pickled), resume on 2 ranks, 2 more: the same losses and weights, bitwise."""
+    common = ["--data", str(corpus), *TRAIN_ARGS, *RESUME]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_on_two_ranks(tmp_path, straight, common)
+    train_on_two_ranks(tmp_path, split, [*common, *FIRST_HALF])
+    checkpoint = train.latest_checkpoint(split)
+    assert checkpoint.name == "checkpoint-2"
+    assert sorted(path.name.endswith(".safetensors") for path in checkpoint.iterdir()) == [False, False, True, True]
+    train_on_two_ranks(tmp_path, split, [*common, "--save-every", "2", "--resume"])
+    assert losses(split) == losses(straight)
+    resumed = load_file(split / "model.safetensors")
     for name, tensor in load_file(straight / "model.safetensors").items():
-        torch.testing.assert_close(load_file(one / "model.safetensors")[name], tensor, rtol=1e-4, atol=1e-6)
+        assert torch.equal(resumed[name], tensor), name
+
+
+@pytest.mark.parametrize("layout", ["tracks", "fsdp"])
+def test_a_two_process_checkpoint_resumes_in_one_process(corpus, tmp_path, layout):
+    """The checkpoint of 2 ranks holding one track each, or of 2 FSDP2 shards taking batch 2 each, resumed by ONE
+    process holding everything (the same global batch): it continues as one process trained from the start would
+    have (fp32, rel 1e-5)."""
+    common = ["--data", str(corpus), *TRAIN_ARGS, *RESUME]
+    split, single = tmp_path / "split", tmp_path / "single"
+    if layout == "tracks":
+        train_on_two_ranks(tmp_path, split, [*common, *FIRST_HALF])
+    else:
+        run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(ROOT / "scripts" / "train.py"),
+                      *common, *FIRST_HALF, "--fsdp", "--batch-size", "2", "--output-dir", str(split)], child_env(),
+                     timeout_s=120)
+    train.train(train.parse_args([*common, "--track-parallel", "1", "--output-dir", str(split), "--resume"]))
+    train.train(train.parse_args([*common, "--output-dir", str(single)]))
+    assert_logs_close(losses(split), losses(single))
+    resumed = load_file(split / "model.safetensors")
+    for name, tensor in load_file(single / "model.safetensors").items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_with_another_global_batch_names_both_layouts(corpus, tmp_path):
