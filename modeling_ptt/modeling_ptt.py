@@ -116,7 +116,8 @@ class PTTrackSync(nn.Module):
 
     On one device the mean is a sum over the track dim divided by `num_tracks`. When the tracks are spread over the
     ranks of `process_group`, every rank sums its local tracks and ONE all_reduce adds the partial sums: this is the
-    only communication of the whole forward.
+    only communication of the whole forward. In training, merge and dispatch are Megatron's conjugate g and f
+    (`MergeAcrossRanks`, `DispatchToRanks`): the backward adds one all_reduce per dispatch, none per merge.
     """
 
     def __init__(self, num_tracks: int):
