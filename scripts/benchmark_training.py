@@ -11,8 +11,9 @@
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
 `parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
 step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
-`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of weights, gradients and AdamW state (plus
-peak allocated memory on CUDA). Ratios are against tensor_parallel in the same run.
+`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
+weights, gradients and AdamW state (plus peak allocated memory on CUDA). Ratios are against tensor_parallel in the
+same run.
 """
 
 import argparse
@@ -123,7 +124,8 @@ def markdown(results: dict, args, world_size: int) -> str:
         f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
         f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
         "",
-        "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step | MiB per rank (weights+grads+AdamW) |",
+        "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step "
+        "| MiB per rank (weights+grads+AdamW) |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():

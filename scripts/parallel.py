@@ -144,9 +144,9 @@ class DataParallel:
     def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean over the data-parallel replicas (the loss of the whole global batch)."""
-        return self.accelerator.reduce(value.detach().float(), "mean").item()
+    def mean(self, values: torch.Tensor) -> list[float]:
+        """The mean over the data-parallel replicas of each of `values` (losses of the whole global batch)."""
+        return self.accelerator.reduce(values.detach().float(), "mean").tolist()
 
     def gather_tracks(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         return tensor
@@ -266,11 +266,12 @@ class MeshParallel:
             (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coefficient)
         return total
 
-    def mean(self, value: torch.Tensor) -> float:
-        value = value.detach().float().clone()
+    def mean(self, values: torch.Tensor) -> list[float]:
+        """The mean over the data-parallel replicas of each of `values` (one all_reduce over "data")."""
+        values = values.detach().float().clone()
         if self.num_replicas > 1:
-            dist.all_reduce(value, group=self.data_group)
-        return value.item() / self.num_replicas
+            dist.all_reduce(values, group=self.data_group)
+        return (values / self.num_replicas).tolist()
 
     def gather_tracks(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate the ranks' local-track `tensor`s of one track group along `dim` (the track dim)."""
@@ -324,12 +325,13 @@ class MeshParallel:
         dcp.save(self.sharded_state(model, optimizer),
                  storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
         if self.is_main_process:
-            groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+            groups = [{key: value for key, value in group.items() if key != "params"}
+                      for group in optimizer.param_groups]
             (directory / SCHEDULE_STATE).write_text(json.dumps({"scheduler": scheduler.state_dict(),
                                                                 "param_groups": groups}))
 
     def load_state(self, directory: Path, model, optimizer, scheduler) -> None:
-        """Load what `save_state` wrote, with any number of ranks: every rank reads the parts of each tensor it holds."""
+        """Load what `save_state` wrote, with any number of ranks: each rank reads the parts of the tensors it holds."""
         dcp.load(self.sharded_state(model, optimizer), storage_reader=HuggingFaceStorageReader(str(directory)))
         state = json.loads((directory / SCHEDULE_STATE).read_text())
         scheduler.load_state_dict(state["scheduler"])

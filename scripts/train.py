@@ -434,10 +434,10 @@ def fsdp_from_accelerate_config() -> bool:
     return True
 
 
-def train_step(model, optimizer, parallel, batches, max_grad_norm: float) -> tuple[float, float | None]:
-    """One optimizer step over the micro-batches `batches`; returns the step's loss and PT-MoE aux loss, each the
-    mean over the micro-batches and the data-parallel replicas."""
-    loss_sum, aux_sum = 0.0, None
+def train_step(model, optimizer, parallel, batches, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over the micro-batches `batches`; returns this process's loss and PT-MoE aux loss, each the
+    mean over the micro-batches (reduced over the data-parallel replicas only when logged)."""
+    losses, aux_losses = [], []
     for batch in batches:
         with parallel.accumulate(model):
             outputs = model(input_ids=batch, labels=batch, use_cache=False)
@@ -447,18 +447,18 @@ def train_step(model, optimizer, parallel, batches, max_grad_norm: float) -> tup
                     parallel.clip_grad_norm_(model, max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-        loss_sum += parallel.mean(outputs.loss)
+        losses.append(outputs.loss.detach().float())
         if getattr(outputs, "aux_loss", None) is not None:  # PT-MoE: the load-balancing term inside `loss`
-            aux_sum = (aux_sum or 0.0) + parallel.mean(outputs.aux_loss)
-    return loss_sum / len(batches), aux_sum / len(batches) if aux_sum is not None else None
+            aux_losses.append(outputs.aux_loss.detach().float())
+    return torch.stack(losses).mean(), torch.stack(aux_losses).mean() if aux_losses else None
 
 
 class TrainLog:
     """`train_log.jsonl`, written by the main process: one record per logged step, training losses averaged over
-    the steps since the last record."""
+    the steps since the last record and over the data-parallel replicas (one reduction per record)."""
 
-    def __init__(self, path: Path, is_main_process: bool, tokens_per_step: int):
-        self.path, self.is_main_process, self.tokens_per_step = path, is_main_process, tokens_per_step
+    def __init__(self, path: Path, parallel, tokens_per_step: int):
+        self.path, self.parallel, self.tokens_per_step = path, parallel, tokens_per_step
         self.restart_window()
 
     def restart_window(self) -> None:
@@ -466,27 +466,30 @@ class TrainLog:
 
     def start(self, resumed_step: int | None) -> None:
         """A fresh log, or the log of a resumed run cut after its checkpoint's step (later lines are redone)."""
-        if self.is_main_process:
+        if self.parallel.is_main_process:
             kept = [r for r in read_log(self.path) if r["step"] <= resumed_step] if resumed_step is not None else []
             self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
-        if self.is_main_process:
+        if self.parallel.is_main_process:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def add_step(self, loss: float, aux_loss: float | None) -> None:
+    def add_step(self, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> None:
         self.losses.append(loss)
         if aux_loss is not None:
             self.aux_losses.append(aux_loss)
 
     def write_window(self, step: int, lr: float, val_loss: float | None) -> None:
+        """The record of the steps since the last one (every process takes part: it reduces over the replicas)."""
         tokens_per_s = self.tokens_per_step * len(self.losses) / (time.perf_counter() - self.window_start)
-        record = {"step": step, "loss": sum(self.losses) / len(self.losses), "val_loss": val_loss,
+        losses = self.parallel.mean(torch.stack(self.losses + self.aux_losses))
+        loss, aux_losses = losses[: len(self.losses)], losses[len(self.losses) :]
+        record = {"step": step, "loss": sum(loss) / len(loss), "val_loss": val_loss,
                   "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
                   "lr": lr, "tokens": self.tokens_per_step * step}
-        if self.aux_losses:
-            record["aux_loss"] = sum(self.aux_losses) / len(self.aux_losses)
+        if aux_losses:
+            record["aux_loss"] = sum(aux_losses) / len(aux_losses)
         self.write(record)
         self.restart_window()
 
@@ -547,7 +550,7 @@ def train(args) -> dict:
     model, optimizer = parallel.prepare(model, optimizer, scheduler)
     sampler = BlockSampler(len(train_blocks), args.batch_size, parallel.num_replicas, parallel.replica_index, args.seed)
     tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * parallel.num_replicas
-    log = TrainLog(output_dir / LOG_NAME, parallel.is_main_process, tokens_per_step)
+    log = TrainLog(output_dir / LOG_NAME, parallel, tokens_per_step)
     # which blocks a data position means: resuming needs the same (any process count that keeps it)
     layout = {"global_micro_batch": args.batch_size * parallel.num_replicas, "data_replicas": parallel.num_replicas,
               "gradient_accumulation_steps": args.gradient_accumulation_steps}
@@ -582,7 +585,8 @@ def train(args) -> dict:
         step += 1
         log.add_step(loss, aux_loss)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if not args.no_progress:  # this process's loss: reading it waits for the step to finish
+            progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         evaluate_now = step % args.eval_every == 0 or step == args.max_steps
         if step % args.log_every == 0 or evaluate_now:
             val_loss = validation_loss(model, val_blocks, args.batch_size, parallel.device) if evaluate_now else None

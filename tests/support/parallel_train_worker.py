@@ -1,8 +1,8 @@
 """One rank of a `scripts/train.py` job under torchrun, recording what the test compares with one process.
 
 It runs `train.main` unchanged, and around two of its helpers records, in `OUT/rank{r}.pt`: the collectives of every
-optimizer step (`train_step`, counted by scripts/collectives.py) and this rank's parameters (its FSDP shards, if sharded) when training ends (just
-before `export` gathers them).
+optimizer step (`train_step`, counted by scripts/collectives.py) and this rank's parameters (its FSDP shards, if
+sharded) when training ends (just before `export` gathers them).
 
     torchrun --nproc-per-node 2 parallel_train_worker.py OUT -- <train.py arguments>
 """
