@@ -1,6 +1,7 @@
-"""What several test files share: tiny models built from a seed (never downloaded), and how tests start child
-processes (workers live in `support/`)."""
+"""What several test files share: tiny models built from a seed (never downloaded), how tests start child
+processes (workers live in `support/`), and how they require an optional extra."""
 
+import importlib
 import os
 import signal
 import socket
@@ -49,6 +50,18 @@ LLAMA_FIELDS = (
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
     "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
 )
+
+
+def require(module: str, extra: str = "eval"):
+    """Import `module` of an optional extra for a test: where it is missing the test skips, except in CI (`CI` set,
+    as CI services do), where `make test` installs the extra and a failed install must not pass as skipped tests."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = f"{module} is missing ({error}): it comes with `pip install -e .[{extra}]`, which make test runs"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI: {message}", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def tiny_config(**overrides) -> PTConfig:

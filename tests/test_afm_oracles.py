@@ -41,6 +41,17 @@ SHAPE = dict(
 SHARED = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
+def with_random_norms(oracle):
+    """At init every norm weight is 1.0, which hides where a norm applies (an RMSNorm of unit weight commutes with
+    RoPE, a rotation): random weights in (0.5, 1.5) make QK-norm after RoPE, or a norm weight in the wrong place,
+    change the logits."""
+    with torch.no_grad():
+        for name, weight in oracle.named_parameters():
+            if "norm" in name:
+                weight.uniform_(0.5, 1.5)
+    return oracle
+
+
 def one_track_twin(oracle, **pt_fields) -> PTForCausalLM:
     """The one-track PT model holding `oracle`'s weights (every per-track tensor gains a track dim of 1)."""
     config = PTConfig(**SHAPE, num_hidden_layers=oracle.config.num_hidden_layers, num_tracks=1,
@@ -81,7 +92,7 @@ def mixtral_and_twin(num_hidden_layers: int) -> tuple[MixtralForCausalLM, PTForC
         **SHAPE, num_hidden_layers=num_hidden_layers, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
         router_aux_loss_coef=0.05, attn_implementation="sdpa", experts_implementation="eager",
     )
-    mixtral = MixtralForCausalLM(mixtral_config).eval()
+    mixtral = with_random_norms(MixtralForCausalLM(mixtral_config).eval())
     return mixtral, one_track_twin(mixtral, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=48, router_aux_loss_coef=0.05)
 
@@ -127,10 +138,10 @@ def test_one_sparse_layer_load_balancing_loss_is_mixtrals():
 def test_qk_norm_one_track_model_is_qwen3():
     torch.manual_seed(0)
     layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+    qwen3 = with_random_norms(Qwen3ForCausalLM(Qwen3Config(
         **SHAPE, num_hidden_layers=3, intermediate_size=96, use_sliding_window=True, sliding_window=WINDOW,
         layer_types=layer_types, attn_implementation="sdpa",
-    )).eval()
+    )).eval())
     model = one_track_twin(qwen3, intermediate_size=96, qk_norm=True, layer_types=layer_types, sliding_window=WINDOW)
     expected = assert_same_logits_and_tokens(qwen3, model, ("dynamic", "static"))
 
@@ -145,10 +156,10 @@ def test_qk_norm_one_track_model_is_qwen3():
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_sliding_window_one_track_model_is_mistral(attn_implementation):
     torch.manual_seed(0)
-    mistral = MistralForCausalLM(MistralConfig(
+    mistral = with_random_norms(MistralForCausalLM(MistralConfig(
         **SHAPE, num_hidden_layers=3, intermediate_size=96, sliding_window=WINDOW,
         attn_implementation=attn_implementation,
-    )).eval()
+    )).eval())
     model = one_track_twin(mistral, intermediate_size=96, sliding_window=WINDOW)
     assert model.config.layer_types == ["sliding_attention"] * 3  # Mistral's reading: the window is on every layer
     expected = assert_same_logits_and_tokens(mistral, model, ("dynamic", "static"))
@@ -164,10 +175,10 @@ def test_nope_and_sliding_one_track_model_is_smollm3():
     torch.manual_seed(0)
     no_rope_layers = [1, 1, 1, 0]
     layer_types = ["sliding_attention"] * 3 + ["full_attention"]
-    smollm3 = SmolLM3ForCausalLM(SmolLM3Config(
+    smollm3 = with_random_norms(SmolLM3ForCausalLM(SmolLM3Config(
         **SHAPE, num_hidden_layers=4, intermediate_size=96, no_rope_layers=no_rope_layers, use_sliding_window=True,
         sliding_window=WINDOW, layer_types=layer_types, attn_implementation="sdpa",
-    )).eval()
+    )).eval())
     model = one_track_twin(smollm3, intermediate_size=96, no_rope_layers=no_rope_layers, layer_types=layer_types,
                            sliding_window=WINDOW)
     expected = assert_same_logits_and_tokens(smollm3, model, ("dynamic", "static"))

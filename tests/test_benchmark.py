@@ -128,10 +128,14 @@ def test_pt_moe_has_the_dense_models_active_parameters_and_its_ratios(report):
     assert moe["experts_implementation"] in ((chosen,) if chosen else ("grouped_mm", "eager"))
     routers = model["layers"] * model["num_tracks"] * EXPERTS * model["hidden_size"] // world_size
     assert moe["active_parameters_per_rank"] - moe["dense_parameters_per_rank"] == routers
+    # the targets: latencies at most 1 / 0.9 of the dense model's, throughput at least 0.9 of it
     targets = {target["name"]: target for target in report["targets"]}
-    for name in ("pt_moe TTFT / pt_D8", "pt_moe TPOT / pt_D8", "throughput pt_moe / pt_D8"):
-        assert targets[name]["value"] > 0 and targets[name]["met"] in (True, False), name
     rows = {row["name"]: row for row in report["variants"]}
-    ttft = rows["pt_moe"]["ttft_ms"]["median"] / rows["pt_D8"]["ttft_ms"]["median"]
-    assert targets["pt_moe TTFT / pt_D8"]["value"] == pytest.approx(ttft)
-    assert targets["throughput pt_moe / pt_D8"]["target"] == ">= 0.90"
+    for metric in ("ttft", "tpot"):
+        value = rows["pt_moe"][f"{metric}_ms"]["median"] / rows["pt_D8"][f"{metric}_ms"]["median"]
+        target = targets[f"pt_moe {metric.upper()} / pt_D8"]
+        assert target["value"] == pytest.approx(value) and target["met"] == (value <= 1 / 0.9), target
+    median = {name: rows[name]["throughput_tokens_per_s"]["median"] for name in ("pt_moe", "pt_D8")}
+    target = targets["throughput pt_moe / pt_D8"]
+    value = median["pt_moe"] / median["pt_D8"]
+    assert target["value"] == pytest.approx(value) and target["met"] == (value >= 0.9), target

@@ -166,7 +166,8 @@ def test_generate_gives_the_single_process_tokens_on_every_rank(ranks, checkpoin
     for mode, tokens in expected.items():
         assert torch.equal(first[mode], tokens), mode
         assert torch.equal(second[mode], tokens), mode
-    # no seed set: the ranks still agree, because loading gave every rank rank 0's RNG state
+    # no seed set, and the worker gives each rank its own RNG state before every load: the ranks still agree,
+    # because loading gave every rank rank 0's RNG state
     assert torch.equal(first["unseeded_sample"], second["unseeded_sample"])
 
 

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="lm-eval is the `eval` extra (make test installs it)")
+from helpers import TRAIN_ARGS, require
+
+require("lm_eval")
 
 import eval_perplexity  # noqa: E402
 import train  # noqa: E402
-from helpers import TRAIN_ARGS  # noqa: E402
 
 
 def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from modeling_ptt import PTForCausalLM, PTModel
 
 from helpers import tiny_config, tiny_model
+from test_oracles import reference_forward
 
 
 def test_eager_and_sdpa_give_the_same_logits(input_ids):
@@ -87,16 +88,20 @@ def test_logits_to_keep(input_ids):
     torch.testing.assert_close(last, full[:, -1:])
 
 
-def test_hidden_states_are_the_track_mean_after_every_layer(input_ids):
-    model = tiny_model(num_hidden_layers=4, track_block_depth=4)
+@pytest.mark.parametrize("num_tracks, depth, layers", [(4, 2, 5), (2, 3, 4)])
+def test_hidden_states_are_the_track_mean_after_every_layer(num_tracks, depth, layers, input_ids):
+    """Every entry, inside a block as at its end, is the mean of the tracks' streams in the per-track reference loop
+    (fp32, atol 1e-5); the last one is the merged state that the final norm sees."""
+    model = tiny_model(num_tracks=num_tracks, track_block_depth=depth, num_hidden_layers=layers)
+    expected = []
     with torch.no_grad():
+        reference_forward(model, input_ids, hidden_states=expected)
         output = model(input_ids, output_hidden_states=True)
         base = model.model(input_ids)
     states = output.hidden_states
-    assert len(states) == model.config.num_hidden_layers + 1
-    torch.testing.assert_close(states[0], model.model.embed_tokens(input_ids))
-    assert all(state.shape == (2, input_ids.shape[1], model.config.hidden_size) for state in states)
-    # the last layer's output is the merged state that the final norm sees
+    assert len(states) == len(expected) == layers + 1
+    for layer, (state, reference) in enumerate(zip(states, expected)):
+        torch.testing.assert_close(state, reference, atol=1e-5, rtol=0, msg=lambda m: f"entry {layer}: {m}")
     torch.testing.assert_close(model.model.norm(states[-1]), base.last_hidden_state)
     assert model(input_ids).hidden_states is None
 

@@ -23,8 +23,11 @@ def rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
-def reference_forward(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """PT as the paper writes it: a Python loop over layers and tracks, plain torch ops, no batching over tracks."""
+def reference_forward(
+    model: PTForCausalLM, input_ids: torch.Tensor, hidden_states: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """PT as the paper writes it: a Python loop over layers and tracks, plain torch ops, no batching over tracks.
+    A `hidden_states` list receives the embedding and, after every layer, the mean of the tracks' streams."""
     config, weights = model.config, model.state_dict()
     n, hd, eps = config.num_tracks, config.head_dim, config.rms_norm_eps
     heads, kv_heads = config.num_attention_heads_per_track, config.num_key_value_heads_per_track
@@ -63,6 +66,8 @@ def reference_forward(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.Te
     tensor_parallel = config.sync_mode == "tensor_parallel"
     embedded = weights["model.embed_tokens.weight"][input_ids]
     streams = [embedded] * n  # every track starts from the shared embedding
+    if hidden_states is not None:
+        hidden_states.append(embedded)
     for layer in range(config.num_hidden_layers):
         streams = [
             h + attention(rms_norm(h, weights[f"model.layers.{layer}.input_layernorm.weight"][t]), layer, t)
@@ -74,6 +79,8 @@ def reference_forward(model: PTForCausalLM, input_ids: torch.Tensor) -> torch.Te
             h + ffn(rms_norm(h, weights[f"model.layers.{layer}.post_attention_layernorm.weight"][t]), layer, t)
             for t, h in enumerate(streams)
         ]
+        if hidden_states is not None:
+            hidden_states.append(sum(streams) / n)
         if tensor_parallel or (layer + 1) % config.track_block_depth == 0 or layer == config.num_hidden_layers - 1:
             streams = mean_merge(streams)
     final = rms_norm(streams[0], weights["model.norm.weight"])

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
+from modeling_ptt import PTForCausalLM
 
 import train
-from helpers import ROOT, TRAIN_ARGS, child_env, free_port, run_launcher
+from helpers import ROOT, TRAIN_ARGS, child_env, free_port, require, run_launcher
 
 
 def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
@@ -132,7 +134,7 @@ def test_demo_quick(tmp_path):
 
 def test_datasets_dataset_as_data(corpus, tmp_path):
     """A 🤗 datasets dataset (here a saved directory) trains like the same text given as files."""
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     texts = [path.read_text(encoding="utf-8") for path in sorted(corpus.glob("*.txt"))]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
     args = ["--max-steps", "2", "--eval-blocks", "4"]
@@ -143,14 +145,34 @@ def test_datasets_dataset_as_data(corpus, tmp_path):
 
 
 def test_pt_moe_trains_and_logs_its_aux_loss_and_expert_shares(corpus, tmp_path):
-    summary = run_train(corpus, tmp_path / "moe", "--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"),
-                        "--num-hidden-layers", "4", "--max-steps", "12", "--log-every", "4", "--eval-every", "12",
-                        "--lr", "1e-2", "--eval-blocks", "8")
-    log = train.read_log(tmp_path / "moe" / train.LOG_NAME)
-    assert all(record["aux_loss"] > 0 for record in log if record["step"] > 0)
+    """The logged loss and aux_loss of step 1 are the untrained model's on the first batch (replayed from the seed),
+    and the summary's expert shares are the saved model's top-k choices on the validation blocks, counted here."""
+    moe = ["--config", str(ROOT / "configuration" / "ptt-tiny-moe.json"), "--num-hidden-layers", "4",
+           "--eval-blocks", "8"]
+    out = tmp_path / "moe"
+    summary = run_train(corpus, out, *moe, "--max-steps", "12", "--log-every", "1", "--eval-every", "12",
+                        "--lr", "1e-2")
     assert summary["val_loss"] < summary["val_loss_before"]
-    shares = torch.tensor(summary["expert_token_shares"])  # [sparse layers, tracks, experts]
-    assert shares.shape == (2, 2, 4)
-    # each track's routed tokens are shared among its own experts only
-    torch.testing.assert_close(shares.sum(-1), torch.ones(2, 2))
-    assert (shares >= 0).all() and (shares <= 0.5).all()  # top-2: an expert gets at most every token once
+
+    args = train.parse_args(["--data", str(corpus), "--output-dir", str(out), *TRAIN_ARGS, *moe])
+    set_seed(args.seed)  # what train() does before it builds the model
+    tokenizer, train_blocks, val_blocks, _ = train.prepare_data(args)
+    model = train.build_model(train.build_config(args, tokenizer), args.output_proj_scale).train()
+    first = train_blocks[train.BlockSampler(len(train_blocks), args.batch_size, 1, 0, args.seed).indices(0)]
+    with torch.no_grad():
+        expected = model(input_ids=first, labels=first, use_cache=False)
+    step_1 = next(record for record in train.read_log(out / train.LOG_NAME) if record["step"] == 1)
+    assert step_1["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
+    assert step_1["loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+
+    trained = PTForCausalLM.from_pretrained(out).eval()
+    config = trained.config
+    counts = torch.zeros(config.mlp_layer_types.count("sparse"), config.num_tracks, config.num_experts)
+    for batch in val_blocks[: args.eval_blocks].split(args.batch_size):
+        with torch.no_grad():
+            router_logits = trained(batch, use_cache=False, output_router_logits=True).router_logits
+        for layer, layer_logits in enumerate(router_logits):  # [tracks, tokens, experts]
+            for track, logits in enumerate(layer_logits):
+                chosen = logits.topk(config.num_experts_per_tok, dim=-1).indices.flatten()
+                counts[layer, track] += torch.bincount(chosen, minlength=config.num_experts)
+    torch.testing.assert_close(torch.tensor(summary["expert_token_shares"]), counts / counts.sum(-1, keepdim=True))

@@ -48,6 +48,9 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
     observed = {}
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     for index, overrides in enumerate(variants):
+        # as in fresh processes, every rank's RNG state is its own before the load (which must align them); else
+        # the seed set below for the previous checkpoint would leave the ranks agreeing anyway
+        torch.manual_seed(1 + int(os.environ["RANK"]))
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, trust_remote_code=True, distributed_config=DistributedConfig(tp_size=world_size), **overrides
         )
