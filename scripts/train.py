@@ -415,7 +415,7 @@ def start_processes(args):
     if args.track_parallel is None and (not fsdp or torch.cuda.is_available()):
         return DataParallel(args.mixed_precision, args.gradient_accumulation_steps, fsdp=fsdp)
     # tracks over ranks, or FSDP2 where accelerate would not apply it (no GPU): torch's own DeviceMesh and fully_shard
-    track_parallel = args.track_parallel or 1
+    track_parallel = args.track_parallel if args.track_parallel is not None else 1
     num_tracks = config_values(args).get("num_tracks", PTConfig.num_tracks)
     check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision)
     if fsdp and track_parallel > 1 and (args.save_every or args.resume or args.stop_at_step):
