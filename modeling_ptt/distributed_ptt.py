@@ -42,6 +42,7 @@ starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HAN
 """
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -203,25 +204,38 @@ class DispatchToRanks(torch.autograd.Function):
         return grad, None
 
 
-def checkpoint_files(path: str, hub_kwargs: dict) -> list[str]:
-    """The safetensors files of a checkpoint: the shards its index names, or the single `model.safetensors`."""
+def checkpoint_files(path: str, hub_kwargs: dict, required: bool = True) -> list[str]:
+    """The safetensors files of a checkpoint: the shards its index names, or the single `model.safetensors`.
+
+    Without either: an OSError, or `[]` when not `required` (a checkpoint in another format).
+    """
     index = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
     if index is None:
         single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        if single is None:
+        if single is None and required:
             raise OSError(f"{path} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: track-parallel "
                           "loading reads safetensors checkpoints only.")
-        return [single]
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [] if single is None else [single]
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise OSError(f"{index} is not a safetensors index (JSON with a 'weight_map' of tensor names to files): "
+                      f"{type(err).__name__}: {err}") from None
     return [cached_file(path, shard, **hub_kwargs) for shard in shards]
 
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+
+
+def is_int_list(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+            and (length is None or len(value) == length))
 
 
 class SafetensorsRows:
@@ -235,13 +249,56 @@ class SafetensorsRows:
     """
 
     def __init__(self, path: str):
+        """Read and check the header: a file that is truncated, or whose header is not what safetensors writes, is
+        refused here, naming the file, before any tensor is read."""
         self.path = path
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header_size = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(header_size))
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise self.corrupt(f"it has {size} bytes, fewer than the 8 of a header size")
+            header_size = struct.unpack("<Q", prefix)[0]
+            if header_size > size - 8:
+                raise self.corrupt(f"its first 8 bytes announce a {header_size}-byte header, but the file has {size} "
+                                   "bytes")
+            try:
+                header = json.loads(f.read(header_size))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise self.corrupt(f"its header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise self.corrupt("its header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_size
         self.entries = header
+        self.check_layout(size - self.data_start)
+
+    def corrupt(self, reason: str) -> OSError:
+        return OSError(f"{self.path} is not a valid safetensors file (truncated or corrupt?): {reason}")
+
+    def check_layout(self, data_size: int) -> None:
+        """What safetensors itself checks: every tensor has a known dtype and a byte range that fits its shape, and
+        the ranges lie back to back and cover the data exactly; a short file names the tensor it cuts."""
+        for name, entry in self.entries.items():
+            if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+                    and is_int_list(entry.get("shape")) and is_int_list(entry.get("data_offsets"), length=2)):
+                raise self.corrupt(f"header entry {name!r} is not a tensor's dtype (one of "
+                                   f"{list(SAFETENSORS_DTYPES)}), shape and data_offsets: {str(entry)[:200]}")
+        end_of_previous = 0
+        for name, entry in sorted(self.entries.items(), key=lambda item: item[1]["data_offsets"]):
+            begin, end = entry["data_offsets"]
+            if begin != end_of_previous or end - begin != math.prod(entry["shape"]) * self.dtype(name).itemsize:
+                raise self.corrupt(f"tensor {name!r} has data_offsets {[begin, end]}, which do not follow the previous "
+                                   f"tensor (ending at {end_of_previous}) or do not fit shape {entry['shape']}")
+            if end > data_size:
+                raise self.corrupt(f"tensor {name!r} ends at byte {end} of the data, but the file holds {data_size}: "
+                                   "it is truncated")
+            end_of_previous = end
+        if end_of_previous != data_size:
+            raise self.corrupt(f"its tensors end at byte {end_of_previous} of the data, but {data_size} bytes follow "
+                               "the header")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -277,7 +334,8 @@ def read_track_slices(
     """Read the tensors named in `expected`: for track-stacked ones (`track_names`) only the slice `tracks` of dim 0.
 
     `model_name` maps a checkpoint name to the model's (None: not this model's, skip it). Every shape is checked
-    against `expected` (the full, unsplit shapes) before its bytes are read.
+    against `expected` (the full, unsplit shapes) and every dtype against `check_floating_point` before its bytes are
+    read; floating-point tensors are cast to `dtype` (None: kept as stored).
     """
     num_tracks = next(expected[name][0] for name in track_names)
     state_dict = {}
@@ -297,11 +355,44 @@ def read_track_slices(
                 if shape != expected[name]:
                     raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, the config implies "
                                      f"{tuple(expected[name])}")
+                check_floating_point(checkpoint, stored_name, dtype)
                 tensor = checkpoint.read(file, stored_name, tracks if name in track_names else None)
-                if dtype is not None and tensor.is_floating_point():
+                if dtype is not None:
                     tensor = tensor.to(dtype)
                 state_dict[name] = tensor.to(device)
     return state_dict
+
+
+def check_floating_point(checkpoint: SafetensorsRows, name: str, dtype: torch.dtype | None) -> None:
+    """Every tensor of a PT checkpoint is floating point: a float dtype other than the requested one is a cast, an
+    integer or boolean tensor is a broken or foreign checkpoint, which a cast would turn into silently wrong weights."""
+    stored = checkpoint.dtype(name)
+    if not stored.is_floating_point:
+        # what the load casts to: the requested dtype, else ("auto") the checkpoint's own floating dtype
+        loaded_as = dtype or next((checkpoint.dtype(other) for other in checkpoint.keys()
+                                   if checkpoint.dtype(other).is_floating_point), torch.get_default_dtype())
+        raise ValueError(f"{checkpoint.path}: tensor {name!r} is stored as {stored}, but the model loads it as "
+                         f"{loaded_as}: a PT checkpoint holds floating-point tensors only, and a cast would give "
+                         "wrong weights")
+
+
+def check_safetensors_checkpoint(path: str, kwargs: dict) -> None:
+    """Before transformers' own load: read the headers of the checkpoint's safetensors files (not their data) and
+    refuse a truncated or corrupt file, or a non-float tensor, naming the file and tensor.
+
+    transformers would report the first as a bare safetensors error that names no file, and load the second cast to
+    float. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is left to transformers.
+    """
+    if path is None or any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant")) or \
+            kwargs.get("use_safetensors") is False:
+        return
+    hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    for file in checkpoint_files(path, hub_kwargs, required=False):
+        checkpoint = SafetensorsRows(file)
+        for name in checkpoint.keys():
+            check_floating_point(checkpoint, name, dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def checkpoint_to_model_names(model, expected: dict[str, torch.Size]) -> Callable[[str], str | None]:

@@ -48,12 +48,20 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_ptt import PTConfig
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
-from .distributed_ptt import DispatchToRanks, MergeAcrossRanks, load_track_parallel, track_parallel_size
+from .distributed_ptt import (
+    DispatchToRanks,
+    MergeAcrossRanks,
+    check_safetensors_checkpoint,
+    load_track_parallel,
+    track_parallel_size,
+)
 
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.x renamed the cache from `past_key_values` to `cache` (outputs and forward kwargs); speak both.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -443,6 +451,115 @@ class PTDecoderLayer(GradientCheckpointingLayer):
         return self.mlp(self.post_attention_layernorm(tracks)).add_(tracks)
 
 
+# --- input checks: a clear ValueError naming the argument instead of an IndexError, a reshape error or a CUDA
+# device-side assert deep inside the forward, or (for a mask that does not fit) a silently wrong answer. Shapes are
+# checked on every call, for free. Token ids are read only where that costs one host sync per prompt, not per token:
+# at generate()'s entry and on a forward with an empty cache (prefill, training), never while torch.compile traces.
+# Every rank of a track-parallel model holds the same inputs, so every rank raises the same error.
+
+
+def cached_length(cache: Cache | None) -> int | None:
+    """How many tokens `cache` holds, when the host knows it without a device sync (None otherwise: a static cache
+    counts on the device once it is filled, continuous batching's paged cache counts per sequence)."""
+    if cache is None:
+        return 0
+    if torch.compiler.is_compiling() or not isinstance(cache, Cache):
+        return None
+    length = cache.get_seq_length()
+    return length if isinstance(length, int) else None
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Every id of `ids` in `[0, vocab_size)` (or `ignore_index`); one host sync."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {ids.dtype}: token ids are integers (torch.long)")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    valid = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
+    low, high = torch.stack(valid.aminmax()).tolist()
+    if low < 0 or high >= vocab_size:
+        position = tuple(((valid < 0) | (valid >= vocab_size)).nonzero()[0].tolist())
+        allowed = f"[0, vocab_size={vocab_size})" + ("" if ignore_index is None else f" or {ignore_index} (ignored)")
+        raise ValueError(f"{name} holds token id {ids[position].item()} at position {position}: ids must be in "
+                         f"{allowed}")
+
+
+def check_inputs(
+    config: PTConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict | None,
+    cache: Cache | None,
+) -> None:
+    """The forward's inputs (exactly one of `input_ids`, `inputs_embeds`); `cache` holds what came before them.
+
+    A 2-D `attention_mask` is the padding mask of the cached tokens followed by the new ones: `(batch, cached + new)`.
+    The prepared forms transformers itself passes (4-D masks, a dict per layer type) are its own business.
+    """
+    name, tokens = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, sequence_length)")
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}, expected (batch, sequence_length, "
+                         f"hidden_size={config.hidden_size})")
+    batch, length = tokens.shape[:2]
+    if length == 0:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: every sequence needs at least one token (an empty "
+                         "prompt gives the model nothing to predict from; start it with the BOS token)")
+    past = cached_length(cache)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        expected_length = length + past if past is not None else attention_mask.shape[1]
+        if attention_mask.shape != (batch, expected_length):
+            cached = f"{past} cached + {length} new" if past else f"{length}"
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, "
+                             f"{expected_length}): one row per sequence of {name} {tuple(tokens.shape)} and one "
+                             f"column per token ({cached})")
+    if input_ids is not None and past == 0:  # prefill or training; decoding steps were checked at their prefill
+        check_token_ids("input_ids", input_ids, config.vocab_size)
+
+
+def check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                 vocab_size: int) -> None:
+    """One target per input token (the loss shifts them itself), each a token id or -100 (ignored)."""
+    if labels is None:
+        return
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(tokens.shape[:2])}, the (batch, "
+                         f"sequence_length) of {name}: one target per input token (the loss shifts them)")
+    check_token_ids("labels", labels, vocab_size, ignore_index=-100)
+
+
+def check_generate_inputs(config: PTConfig, generation_config, args: tuple, kwargs: dict) -> None:
+    """`generate()`'s prompt, once: what `check_inputs` checks (a 2-D mask covers the whole prompt, including what a
+    passed cache holds), and a warning (once per length) when the prompt plus `max_new_tokens` passes
+    `max_position_embeddings`."""
+    input_ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+        return  # transformers explains what it accepts
+    if inputs_embeds is not None:  # generate() may be given both: the ids then only prefix the output
+        check_inputs(config, None, inputs_embeds, kwargs.get("attention_mask"), None)
+        if input_ids is not None and input_ids.numel():
+            check_token_ids("input_ids", input_ids, config.vocab_size)
+    elif input_ids is not None:
+        check_inputs(config, input_ids, None, kwargs.get("attention_mask"), None)
+    else:
+        return  # generate() starts from the BOS token
+    generation_config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or generation_config
+    prompt = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+    max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    total = prompt + max_new_tokens if max_new_tokens is not None else kwargs.get("max_length",
+                                                                                 generation_config.max_length)
+    if total > config.max_position_embeddings:
+        logger.warning_once(
+            f"generate(): the prompt ({prompt} tokens) plus max_new_tokens ({total - prompt}) reaches position "
+            f"{total}, beyond max_position_embeddings={config.max_position_embeddings}. The model computes those positions "
+            "(RoPE needs no table), but was not trained on them: expect the text to degrade past that point."
+        )
+
+
 class PTPreTrainedModel(PreTrainedModel):
     config_class = PTConfig
     config: PTConfig
@@ -464,9 +581,13 @@ class PTPreTrainedModel(PreTrainedModel):
         shared embedding, norm and head. W must divide `num_tracks`. `process_group_timeout` (seconds) bounds how
         long a rank waits for a dead peer. See `distributed_ptt` for why this does not go through transformers'
         DTensor tensor-parallel loader.
+
+        Either way a truncated or corrupt safetensors file, or a tensor stored as an integer or boolean, is refused
+        before any weight loads, with an error that names the file (and the tensor).
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
+            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
@@ -557,6 +678,7 @@ class PTModel(PTPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a recomputed layer would write its keys and values into the cache twice
@@ -630,6 +752,18 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         model.load_state_dict(llama_state_dict_to_tracks(llama_model.state_dict(), num_tracks), strict=True)
         return model.train(llama_model.training)
 
+    def generate(self, *args, **kwargs):
+        r"""
+        transformers' `generate()`, with the prompt checked first: a token id outside `[0, vocab_size)`, an empty
+        prompt or an `attention_mask` that does not fit it raises a `ValueError` naming it (not an error inside the
+        first forward, or on CUDA a device-side assert that ends the process).
+
+        A prompt plus `max_new_tokens` longer than `max_position_embeddings` is generated, with a warning (once per
+        length): RoPE computes any position, so nothing fails, but the model never saw those positions in training.
+        """
+        check_generate_inputs(self.config, self.generation_config, args, kwargs)
+        return super().generate(*args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -657,6 +791,7 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         balances the experts without `output_router_logits=True`; `aux_loss` is also returned when router logits
         are asked for.
         """
+        check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
         output_router_logits = self.model.has_sparse_layers and (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )

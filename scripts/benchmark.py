@@ -63,6 +63,7 @@ from collectives import CollectiveCounter
 from modeling_ptt import PTConfig, PTForCausalLM
 from modeling_ptt.distributed_ptt import init_track_parallel
 from modeling_ptt.modeling_ptt import CACHE_FIELD
+from script_io import check_output_dir
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -831,6 +832,9 @@ def moe_summary(args, models: dict) -> dict | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     world = start_world(args.device)
+    prefix = Path(args.out or f"benchmark-results/w{world.size}")
+    if world.rank == 0:  # the one that writes: before minutes of measuring, not after
+        check_output_dir(prefix.parent, "the benchmark results")
     variants = plan_variants(args.depths, args.layers, args.variants, args.moe_depth if args.experts else None)
     models = build_models(args, world, variants)
     load_before = os.getloadavg()[0]
@@ -861,7 +865,6 @@ def main(argv=None) -> int:
     report["ratios"], report["targets"] = ratios_and_targets(rows, world.size)
     failed = [item["name"] for item in checks if not item["passed"]]
     if world.rank == 0:
-        prefix = Path(args.out or f"benchmark-results/w{world.size}")
         prefix.parent.mkdir(parents=True, exist_ok=True)
         prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         table = write_table(report)

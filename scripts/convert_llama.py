@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modeling_ptt import PTForCausalLM
+from script_io import check_output_dir
 
 
 def main():
@@ -25,6 +26,7 @@ def main():
 
     if not (args.input_dir / "config.json").is_file():
         sys.exit(f"error: {args.input_dir} is not a model directory (no config.json)")
+    check_output_dir(args.output_dir, "the converted model")
     llama = LlamaForCausalLM.from_pretrained(args.input_dir)
     try:
         model = PTForCausalLM.from_llama(llama, num_tracks=args.num_tracks)

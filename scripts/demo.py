@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from script_io import check_output_dir
+
 
 SCRIPTS = Path(__file__).resolve().parent
 PROMPTS = ["KING. My lords,", "Enter Hamlet.\n\n  Ham. To be, or not"]
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.reload_only:
         return reload_and_generate(args.output_dir)
 
+    check_output_dir(args.output_dir, "the demo model")
     started = time.perf_counter()
     summary = train_demo_model(args.output_dir, args.max_steps or (150 if args.quick else 1000))
     subprocess.run([sys.executable, __file__, "--reload-only", "--output-dir", args.output_dir], check=True)

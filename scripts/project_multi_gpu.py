@@ -36,6 +36,7 @@ import torch
 
 from modeling_ptt import PTConfig, PTForCausalLM
 from modeling_ptt.modeling_ptt import CACHE_FIELD
+from script_io import check_output_file, read_json_file
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +204,9 @@ def main():
     parser.add_argument("--json", help="write inputs, assumptions and projections here")
     args = parser.parse_args()
 
-    config = PTConfig.from_json_file(args.config)
+    if args.json:
+        check_output_file(args.json, "the projection")
+    config = PTConfig(**read_json_file(args.config, "--config"))
     if config.num_tracks % args.world_size:
         parser.error(f"--world-size {args.world_size} must divide num_tracks={config.num_tracks}")
     sources = []

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train  # noqa: E402
+from script_io import check_output_dir  # noqa: E402
 
 
 def configurations(num_tracks: list[int], depths: list[int]) -> list[tuple[str, dict]]:
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite table and plot from results.jsonl")
     args = parser.parse_args(argv)
 
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_dir(args.output_dir, "the sweep's results")
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_tokenizer(output_dir, args)
     results_path = output_dir / "results.jsonl"

@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_sche
 
 from modeling_ptt import PTConfig, PTForCausalLM
 from parallel import DataParallel, MeshParallel, check_layout, init_from_scratch
+from script_io import read_json_file
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +227,7 @@ class BlockSampler:
 def config_values(args) -> dict:
     """The config file's own fields with the command line's overrides (derived per-layer lists such as
     `layer_types` then follow the overridden layer count)."""
-    values = json.loads(Path(args.config).read_text())
+    values = read_json_file(args.config, "--config")
     values.update({field: getattr(args, field) for field in CONFIG_OVERRIDES if getattr(args, field) is not None})
     for key in ("model_type", "transformers_version", "auto_map"):
         values.pop(key, None)

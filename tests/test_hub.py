@@ -30,8 +30,8 @@ from hub_server import HubServer
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
-# every module of the package is remote code: save_pretrained copies it beside the weights
-REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py") if path.name != "__init__.py"}
+# every module of the package but the vLLM model is remote code: save_pretrained copies it beside the weights
+REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py")} - {"__init__.py", "vllm_ptt.py"}
 
 
 TOKEN, USER = "hf_test_token", "tester"
@@ -217,6 +217,7 @@ def test_pull_is_bit_identical_in_a_process_without_the_package(hub, published, 
 def test_push_to_hub_method_gives_a_loadable_repo(hub, published, pulled):
     files = set(hub.api.list_repo_files(METHOD_REPO))
     assert {"config.json", "model.safetensors"} | REMOTE_CODE <= files
+    assert "vllm_ptt.py" not in files  # engine integration, not model code: a pulled model never needs vLLM
     assert_same_model(str(hub.tmp / "method.safetensors"), published["method"])
 
 

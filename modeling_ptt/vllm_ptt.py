@@ -1,0 +1,273 @@
+"""The Parallel Track (PT) Transformer as a vLLM-native model, registered through vLLM's plugin system.
+
+With vLLM and this package installed, `LLM(model=DIR)` and `vllm serve DIR` run a PT checkpoint saved by
+`save_pretrained` (no remote code, no conversion). vLLM's tensor-parallel axis is the track axis: with
+`tensor_parallel_size=W` (W must divide `num_tracks`), rank `r` holds tracks `[r*n/W, (r+1)*n/W)` and one vLLM
+`Attention` over their heads, so the paged KV cache of a rank holds its own tracks' KV heads only. A merge is the sum
+of the rank's tracks, ONE all_reduce over vLLM's tensor-parallel group, divided by n: `ceil(L/D)` per forward
+(`2L` in `sync_mode="tensor_parallel"`). Embedding and LM head are replicated, so they add no collective.
+
+This module is the only one that imports vLLM, and nothing the remote-code modules import imports it, so
+`save_pretrained` never copies it and loading a model never needs vLLM.
+"""
+
+import copy
+import glob
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+from vllm.sequence import IntermediateTensors
+
+from .configuration_ptt import PTConfig
+from .distributed_ptt import SafetensorsRows
+from .modeling_ptt import PTMLP, PTRMSNorm, PTSparseMoeBlock, PTTrackLinear, PTTrackSync
+
+
+logger = init_logger(__name__)
+ARCHITECTURE = "PTForCausalLM"
+
+
+def check_track_placement(config: PTConfig, world_size: int) -> None:
+    """vLLM accepts any tensor-parallel size that divides the head count; tracks need one that divides n."""
+    if config.num_tracks % world_size:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} does not divide num_tracks={config.num_tracks}: every rank must hold "
+            f"num_tracks / tensor_parallel_size whole tracks (use a divisor of {config.num_tracks})"
+        )
+
+
+class PTVllmConfigCheck(VerifyAndUpdateConfig):
+    """Runs in the process that builds the engine's config, so a bad placement is raised by `LLM(...)` (and printed
+    by `vllm serve`) instead of failing inside a worker as a generic engine start-up error."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        check_track_placement(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+
+
+def local_track_config(config: PTConfig, num_local_tracks: int) -> PTConfig:
+    """The config of a model made of this rank's tracks only: same per-track widths, `num_local_tracks` tracks, so the
+    transformers layers (`PTMLP`, `PTSparseMoeBlock`, `PTRMSNorm`) build exactly the rank's slices."""
+    local = copy.deepcopy(config)
+    share = config.num_tracks // num_local_tracks
+    local.num_tracks = num_local_tracks
+    local.num_attention_heads = config.num_attention_heads // share
+    local.num_key_value_heads = config.num_key_value_heads // share
+    local.intermediate_size = config.intermediate_size // share
+    return local
+
+
+class PTVllmTrackSync(PTTrackSync):
+    """The merge over vLLM's tensor-parallel group: local track sum, ONE all_reduce when W > 1, divided by n."""
+
+    def __init__(self, num_tracks: int, num_local_tracks: int):
+        super().__init__(num_tracks)
+        self.num_local_tracks = num_local_tracks
+
+    def merge(self, tracks: torch.Tensor) -> torch.Tensor:
+        merged = tracks.sum(0)
+        if self.num_local_tracks != self.num_tracks:
+            merged = tensor_model_parallel_all_reduce(merged)
+        return merged / self.num_tracks
+
+
+class PTVllmAttention(nn.Module):
+    """The rank's tracks' attention: batched track projections, then ONE vLLM `Attention` over all local heads.
+
+    Track `t` owns a contiguous group of query heads and of KV heads, so folding the tracks into the head dim gives
+    the usual token-major `[T, heads * head_dim]` layout, in which vLLM's GQA mapping never crosses a track.
+    """
+
+    def __init__(self, config: PTConfig, layer_idx: int, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        n, d, bias = config.num_tracks, config.hidden_size, config.attention_bias
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads  # of the local tracks (see local_track_config)
+        self.num_kv_heads = config.num_key_value_heads
+        q_width = config.num_attention_heads_per_track * self.head_dim
+        kv_width = config.num_key_value_heads_per_track * self.head_dim
+        self.q_proj = PTTrackLinear(n, d, q_width, bias=bias)
+        self.k_proj = PTTrackLinear(n, d, kv_width, bias=bias)
+        self.v_proj = PTTrackLinear(n, d, kv_width, bias=bias)
+        self.o_proj = PTTrackLinear(n, q_width, d, bias=bias)
+        self.q_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        # NoPE layers (AFM's global layers) attend without any position encoding
+        self.rotary_emb = (
+            get_rope(self.head_dim, max_position=config.max_position_embeddings,
+                     rope_parameters=config.rope_parameters, is_neox_style=True)
+            if config.no_rope_layers[layer_idx] else None
+        )
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            per_layer_sliding_window=config.sliding_window if sliding else None,
+            prefix=f"{prefix}.attn",
+        )
+
+    def tracks_to_tokens(self, states: torch.Tensor, norm: PTRMSNorm | None) -> torch.Tensor:
+        """`[n, T, h * hd]` -> `[T, n * h * hd]` (track-major heads), QK-normed per head when `norm` is given."""
+        num_tracks, num_tokens, _ = states.shape
+        if norm is not None:
+            states = norm(states.view(num_tracks, num_tokens, -1, self.head_dim))
+        return states.transpose(0, 1).reshape(num_tokens, -1)
+
+    def forward(self, positions: torch.Tensor, tracks: torch.Tensor) -> torch.Tensor:
+        num_tracks, num_tokens, _ = tracks.shape
+        query = self.tracks_to_tokens(self.q_proj(tracks), self.q_norm)
+        key = self.tracks_to_tokens(self.k_proj(tracks), self.k_norm)
+        value = self.tracks_to_tokens(self.v_proj(tracks), None)
+        if self.rotary_emb is not None:
+            query, key = self.rotary_emb(positions, query, key)
+        attn_output = self.attn(query, key, value)  # [T, n * h * hd]
+        return self.o_proj(attn_output.view(num_tokens, num_tracks, -1).transpose(0, 1))
+
+
+class PTVllmDecoderLayer(nn.Module):
+    """Layer `l` of the rank's tracks: pre-norm attention and pre-norm FFN (dense or the track's own experts)."""
+
+    def __init__(self, config: PTConfig, layer_idx: int, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.self_attn = PTVllmAttention(config, layer_idx, vllm_config, prefix=f"{prefix}.self_attn")
+        self.mlp = PTSparseMoeBlock(config) if config.mlp_layer_types[layer_idx] == "sparse" else PTMLP(config)
+        self.input_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PTRMSNorm(config.num_tracks, config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, tracks: torch.Tensor, sync: PTVllmTrackSync | None) -> torch.Tensor:
+        tracks = self.self_attn(positions, self.input_layernorm(tracks)).add_(tracks)
+        if sync is not None:  # tensor-parallel mode also merges between attention and FFN
+            tracks = sync.dispatch(sync.merge(tracks))
+        return self.mlp(self.post_attention_layernorm(tracks)).add_(tracks)
+
+
+class PTVllmModel(nn.Module):
+    """Replicated embedding, the rank's tracks of every layer merged every `track_block_depth` layers, final norm."""
+
+    def __init__(self, config: PTConfig, local_config: PTConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            PTVllmDecoderLayer(local_config, i, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.track_sync = PTVllmTrackSync(config.num_tracks, local_config.num_tracks)
+        sync_after = [i + 1 for i in range(config.num_hidden_layers) if config.is_sync_layer(i)]
+        self.track_blocks = [range(start, end) for start, end in zip([0] + sync_after[:-1], sync_after)]
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        sync = self.track_sync
+        sublayer_sync = sync if self.config.sync_mode == "tensor_parallel" else None
+        for block in self.track_blocks:
+            tracks = sync.dispatch(hidden_states)
+            for layer_idx in block:
+                tracks = self.layers[layer_idx](positions, tracks, sublayer_sync)
+            hidden_states = sync.merge(tracks)
+        return self.norm(hidden_states)
+
+
+class PTVllmForCausalLM(nn.Module):
+    """vLLM's entry point for a PT checkpoint (`architectures: ["PTForCausalLM"]`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: PTConfig = vllm_config.model_config.hf_config
+        world_size = get_tensor_model_parallel_world_size()
+        check_track_placement(config, world_size)
+        self.config = config
+        self.vllm_config = vllm_config
+        num_local_tracks = config.num_tracks // world_size
+        first = get_tensor_model_parallel_rank() * num_local_tracks
+        self.local_tracks = range(first, first + num_local_tracks)
+        self.model = PTVllmModel(config, local_track_config(config, num_local_tracks), vllm_config, prefix="model")
+        self.lm_head = (
+            self.model.embed_tokens if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        return self.model(hidden_states, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden_states, self.lm_head.weight)
+
+    def checkpoint_files(self) -> list[str]:
+        model_config = self.vllm_config.model_config
+        folder = model_config.model
+        if not os.path.isdir(folder):  # a Hub id: vLLM has downloaded it already, this finds the cached snapshot
+            folder = download_weights_from_hf(
+                folder, self.vllm_config.load_config.download_dir, ["*.safetensors"], model_config.revision
+            )
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors file (PT checkpoints are loaded from safetensors)")
+        return files
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Read this rank's slices straight from the safetensors files: only rows `local_tracks` of every
+        track-stacked tensor (dim 0 is the track), whole shared tensors. vLLM's `weights` iterator is lazy and is
+        left unread, since it would read every tensor whole on every rank."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        track_stacked = {name for name in params if name.startswith("model.layers.")}
+        loaded, bytes_read = set(), 0
+        for path in self.checkpoint_files():
+            checkpoint = SafetensorsRows(path)
+            with open(path, "rb") as file:
+                for name in checkpoint.keys():
+                    if name not in params:
+                        continue
+                    param = params[name]
+                    rows = self.local_tracks if name in track_stacked else None
+                    tensor = checkpoint.read(file, name, rows)
+                    if tensor.shape != param.shape:
+                        raise ValueError(f"{path}: {name} has shape {tuple(checkpoint.shape(name))}, the config "
+                                         f"gives {tuple(param.shape)} for tracks {self.local_tracks}")
+                    with torch.no_grad():
+                        param.copy_(tensor)
+                    bytes_read += tensor.numel() * tensor.element_size()
+                    loaded.add(name)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        self.bytes_read = bytes_read
+        logger.info("PT tracks %s of %d: read %.1f MiB of weights", self.local_tracks, self.config.num_tracks,
+                    bytes_read / 2**20)
+        return loaded
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: vLLM calls it in every process before it reads a model config.
+    Importing this package registers `model_type="ptt"` with AutoConfig, so vLLM reads a PT config without remote
+    code."""
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(ARCHITECTURE, PTVllmForCausalLM)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = PTVllmConfigCheck

@@ -1,0 +1,96 @@
+"""Start ONE vLLM engine on a model directory, run every offline check against it, print the answers as JSON.
+
+Run as `python vllm_engine_worker.py JOB.json` (a child process, so the test can kill the engine's whole process
+group on a hang). The job gives the model directory, tensor_parallel_size and the prompts (token ids). The answers:
+greedy tokens of every prompt alone and of all prompts in one batch, prompt logprobs, two seeded samples, the
+collectives each rank ran per model forward, and what each rank loaded.
+"""
+
+import collections
+import json
+import resource
+import sys
+
+
+def count_collectives(worker) -> None:
+    """Installed in every worker by `collective_rpc`: tally the tensor-parallel group's collectives run inside each
+    model forward and each logits computation (the engine's own broadcasts between steps are not counted)."""
+    from vllm.distributed.parallel_state import GroupCoordinator
+
+    model = worker.model_runner.get_model()
+    tally = {"forward": [], "compute_logits": []}
+    active: list[collections.Counter] = []
+
+    def counted(op_name):
+        original = getattr(GroupCoordinator, op_name)
+
+        def wrapper(group, *args, **kwargs):
+            if active and group.unique_name.startswith("tp"):
+                active[-1][op_name] += 1
+            return original(group, *args, **kwargs)
+
+        return wrapper
+
+    for op_name in ("all_reduce", "all_gather", "gather", "reduce_scatter", "broadcast"):
+        setattr(GroupCoordinator, op_name, counted(op_name))
+
+    def window(name, method):
+        def wrapper(*args, **kwargs):
+            active.append(collections.Counter())
+            try:
+                return method(*args, **kwargs)
+            finally:
+                tally[name].append(dict(active.pop()))
+
+        return wrapper
+
+    model.forward = window("forward", model.forward)
+    model.compute_logits = window("compute_logits", model.compute_logits)
+    worker.collective_tally = tally
+
+
+def read_collectives(worker) -> dict:
+    return worker.collective_tally
+
+
+def loaded_weights(worker) -> dict:
+    """What this rank holds after loading: its tracks, every parameter's shape, the bytes it read, its peak RSS."""
+    model = worker.model_runner.get_model()
+    return {
+        "tracks": [model.local_tracks.start, model.local_tracks.stop],
+        "shapes": {name: list(param.shape) for name, param in model.named_parameters()},
+        "bytes_read": model.bytes_read,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(job_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    job = json.loads(open(job_path).read())
+    llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"], dtype="float32",
+              enforce_eager=True, max_model_len=job["max_model_len"], seed=0)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    answers = {"loaded": llm.collective_rpc(loaded_weights)}
+
+    llm.collective_rpc(count_collectives)
+    answers["solo"] = [llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids for prompt in prompts]
+    answers["collectives"] = llm.collective_rpc(read_collectives)
+    answers["batch"] = [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)]
+
+    scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    answers["prompt_logprobs"] = [
+        [None] + [next(iter(position.values())).logprob for position in out.prompt_logprobs[1:]]
+        for out in llm.generate(prompts, scoring, use_tqdm=False)
+    ]
+    sampling = [SamplingParams(temperature=1.0, max_tokens=job["max_tokens"], seed=seed, ignore_eos=True)
+                for seed in (1, 1, 2)]
+    answers["sampled"] = [llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+                          for params in sampling]
+    print("ANSWERS " + json.dumps(answers), flush=True)
+
+
+if __name__ == "__main__":  # vLLM starts its workers by spawn: they re-import this module
+    main(sys.argv[1])
