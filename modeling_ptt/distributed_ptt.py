@@ -165,6 +165,45 @@ def synchronize_rng_state(group: dist.ProcessGroup, device: torch.device) -> Non
         torch.cuda.set_rng_state(states[1], device)
 
 
+class MergeAcrossRanks(torch.autograd.Function):
+    """Megatron's "g": all_reduce(SUM) of the ranks' partial track sums forward, identity backward.
+
+    Everything after a merge is replicated: every rank computes the same loss from the same merged state, so the
+    gradient arriving at the merge is already complete on every rank, and each local track takes it as it is.
+    (`torch.distributed.nn.functional.all_reduce` all-reduces it again, which makes it W times too big.)
+    """
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        dist.all_reduce(partial, group=group)  # in place: `partial` is the fresh sum of the local tracks
+        ctx.mark_dirty(partial)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad_merged: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_merged, None
+
+
+class DispatchToRanks(torch.autograd.Function):
+    """Megatron's "f", the conjugate of `MergeAcrossRanks`: identity forward, all_reduce(SUM) backward.
+
+    The replicated state a block starts from feeds every rank's tracks; each rank's backward sees only its own
+    tracks' share of its gradient, so one all_reduce completes it, and the embedding's gradient is then complete and
+    identical on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return hidden_states.view_as(hidden_states)
+
+    @staticmethod
+    def backward(ctx, grad_local: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad_local.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def checkpoint_files(path: str, hub_kwargs: dict, required: bool = True) -> list[str]:
     """The safetensors files of a checkpoint: the shards its index names, or the single `model.safetensors`.
 

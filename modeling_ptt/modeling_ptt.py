@@ -57,7 +57,13 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ptt import PTConfig, check_sync_schedule
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
-from .distributed_ptt import check_safetensors_checkpoint, load_track_parallel, track_parallel_size
+from .distributed_ptt import (
+    DispatchToRanks,
+    MergeAcrossRanks,
+    check_safetensors_checkpoint,
+    load_track_parallel,
+    track_parallel_size,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -153,7 +159,8 @@ class PTTrackSync(nn.Module):
 
     On one device the mean is a sum over the track dim divided by `num_tracks`. When the tracks are spread over the
     ranks of `process_group`, every rank sums its local tracks and ONE all_reduce adds the partial sums: this is the
-    only communication of the whole forward.
+    only communication of the whole forward. In training, merge and dispatch are Megatron's conjugate g and f
+    (`MergeAcrossRanks`, `DispatchToRanks`): the backward adds one all_reduce per dispatch, none per merge.
     """
 
     def __init__(self, num_tracks: int):
@@ -163,17 +170,33 @@ class PTTrackSync(nn.Module):
         self.process_group: dist.ProcessGroup | None = None
 
     def dispatch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.process_group is not None and torch.is_grad_enabled() and hidden_states.requires_grad:
+            # free forward; the backward adds the other ranks' tracks' gradients (one all_reduce)
+            hidden_states = DispatchToRanks.apply(hidden_states, self.process_group)
         return hidden_states.unsqueeze(0).expand(self.num_local_tracks, *hidden_states.shape)
 
     def merge(self, tracks: torch.Tensor) -> torch.Tensor:
         merged = tracks.sum(0)
         if self.process_group is not None:
             if torch.is_grad_enabled() and merged.requires_grad:
-                # Only the autograd-aware collective carries gradients back to the other ranks' tracks.
-                merged = dist.nn.functional.all_reduce(merged, group=self.process_group)
+                # one all_reduce forward; the backward is free, as the gradient after a merge is replicated
+                merged = MergeAcrossRanks.apply(merged, self.process_group)
             else:
                 dist.all_reduce(merged, group=self.process_group)
         return merged / self.num_tracks
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a per-rank mean over its local tracks (e.g. PT-MoE's load-balancing loss):
+        every rank holds as many tracks, so that is the mean over all tracks. Its gradient reaches each rank's
+        tracks once, as a merge's does."""
+        if self.process_group is None:
+            return value
+        value = value.clone()
+        if torch.is_grad_enabled() and value.requires_grad:
+            value = MergeAcrossRanks.apply(value, self.process_group)
+        else:
+            dist.all_reduce(value, group=self.process_group)
+        return value * (self.num_local_tracks / self.num_tracks)
 
     def extra_repr(self) -> str:
         return f"num_tracks={self.num_tracks}, num_local_tracks={self.num_local_tracks}"
@@ -850,9 +873,9 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         if has_sparse_layers and needs_router_logits:
             is_padding_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
             padding_mask = attention_mask if is_padding_mask else None
-            aux_loss = pt_load_balancing_loss(
+            aux_loss = self.model.track_sync.mean_over_ranks(pt_load_balancing_loss(
                 outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
-            )
+            ))
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(

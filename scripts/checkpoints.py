@@ -288,7 +288,7 @@ def write_training_state(
         _write_json(directory / SCHEDULER, scheduler.state_dict())
         if scaler is not None:
             _write_json(directory / SCALER, scaler.state_dict())
-        _write_json(directory / TRAINER_STATE, {**state, "num_processes": _world_size()})
+        write_trainer_state(directory, state)
     _save_rng_states(directory / _rng_name(rank))
 
 
@@ -314,9 +314,8 @@ def read_training_state(
             )
         return path / name
 
-    with _reading(path, TRAINER_STATE):
-        state = json.loads(file(TRAINER_STATE).read_text())
-        saved_processes = state.pop("num_processes")
+    state = read_trainer_state(path)
+    saved_processes = state.pop("num_processes")
     if _rng_name(rank) not in files:
         raise CheckpointError(
             f"checkpoint {path} has no {_rng_name(rank)}: it was saved by {saved_processes} processes, this is "
@@ -338,6 +337,21 @@ def read_training_state(
     with _reading(path, _rng_name(rank)):
         _load_rng_states(file(_rng_name(rank)))
     return state
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The caller's progress a checkpoint holds (`trainer_state.json`), after checking that the checkpoint is whole
+    (sizes only: the loaders check the hashes of what they read)."""
+    path = Path(path)
+    if TRAINER_STATE not in verify(path, hashes=False)["files"]:
+        raise CheckpointError(f"checkpoint {path} has no {TRAINER_STATE}")
+    with _reading(path, TRAINER_STATE):
+        return json.loads((path / TRAINER_STATE).read_text())
+
+
+def write_trainer_state(directory: Path, state: dict) -> None:
+    """`state` (JSON: step, data position, ...) with the number of processes that wrote the checkpoint."""
+    _write_json(directory / TRAINER_STATE, {**state, "num_processes": _world_size()})
 
 
 def _rng_name(rank: int) -> str:

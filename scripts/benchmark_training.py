@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Training-step cost of the three ways to put one PT model on W processes, measured in one run.
+
+    torchrun --nproc-per-node 2 scripts/benchmark_training.py --output docs/performance/training_w2
+
+  - track_parallel: `--track-parallel W` with the model's own track blocks (D, default 8): every rank holds n/W
+    tracks, 2*ceil(L/D) merge/dispatch all_reduces per micro-batch;
+  - tensor_parallel: the same, with `sync_mode="tensor_parallel"` (dense maths, Megatron's placement): 4L;
+  - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
+
+Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
+`parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
+step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
+`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
+weights, gradients and AdamW state (plus peak allocated memory on CUDA). Ratios are against tensor_parallel in the
+same run.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from collectives import CollectiveCounter
+from modeling_ptt import PTConfig
+from parallel import MeshParallel, init_from_scratch
+
+
+VARIANTS = ("track_parallel", "tensor_parallel", "data_parallel")
+
+
+def model_config(args, variant: str) -> PTConfig:
+    return PTConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        num_tracks=args.num_tracks, track_block_depth=args.depth,
+        sync_mode="tensor_parallel" if variant == "tensor_parallel" else "track_block",
+    )
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Bytes this rank holds of weights, gradients and optimizer state."""
+    tensor_bytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    params = list(model.parameters())
+    return {
+        "weights": tensor_bytes(params),
+        "gradients": tensor_bytes([p.grad for p in params if p.grad is not None]),
+        "optimizer": tensor_bytes([v for state in optimizer.state.values() for v in state.values()
+                                   if torch.is_tensor(v) and v.dim() > 0]),
+    }
+
+
+def measure(args, variant: str, world_size: int) -> dict:
+    config = model_config(args, variant)
+    track_parallel = 1 if variant == "data_parallel" else world_size
+    parallel = MeshParallel(track_parallel, shard=False, mixed_precision="no", gradient_accumulation_steps=1)
+    model = init_from_scratch(config, args.seed, parallel.track_range(config.num_tracks)).to(parallel.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = parallel.prepare(model, optimizer, None)
+    buckets = None
+    if isinstance(model, DistributedDataParallel):  # its built-in bucket all_reduces run in C++, unseen by the counter
+        buckets = {"count": 0}
+
+        def counted_allreduce(state, bucket):
+            buckets["count"] += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counted_allreduce)
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    global_batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator)
+    # the rows of one track group read the same batch; data-parallel replicas split it
+    batch = global_batch.chunk(parallel.num_replicas)[parallel.replica_index].to(parallel.device)
+
+    def step() -> None:
+        with parallel.accumulate(model):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            parallel.backward(loss)
+            parallel.clip_grad_norm_(model, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+
+    for _ in range(args.warmup):
+        step()
+    with CollectiveCounter() as counter:
+        step()
+    if parallel.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(parallel.device)
+    times = []
+    for _ in range(args.steps):
+        dist.barrier()
+        started = time.perf_counter()
+        step()
+        if parallel.device.type == "cuda":
+            torch.cuda.synchronize(parallel.device)
+        dist.barrier()
+        times.append(time.perf_counter() - started)
+    result = {
+        "step_s": statistics.median(times),
+        "step_s_all": times,
+        "tokens_per_s": args.batch * args.seq_len / statistics.median(times),
+        "collectives_per_step": dict(counter.ops),
+        "bytes_per_rank": state_bytes(model, optimizer),
+        "merges_per_forward": config.num_sync_points if track_parallel > 1 else 0,
+    }
+    if buckets is not None:
+        result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
+    if parallel.device.type == "cuda":
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(parallel.device)
+    del model, optimizer
+    return result
+
+
+def markdown(results: dict, args, world_size: int) -> str:
+    base = results["tensor_parallel"]["step_s"]
+    lines = [
+        f"Training step, W={world_size} processes, L={args.layers}, d={args.hidden_size}, FFN {args.intermediate_size},"
+        f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
+        f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
+        "",
+        "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step "
+        "| MiB per rank (weights+grads+AdamW) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        counts = ", ".join(f"{op.split('.')[-1]} {n}" for op, n in sorted(r["collectives_per_step"].items())) or "-"
+        if "ddp_bucket_all_reduces_per_step" in r:
+            counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
+        mib = sum(r["bytes_per_rank"].values()) / 2**20
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {r['tokens_per_s']:.0f} | {counts} "
+                     f"| {mib:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--intermediate-size", type=int, default=3072)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--num-tracks", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=8, help="D of the track_parallel variant")
+    parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per optimizer step)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="write OUTPUT.json and OUTPUT.md (rank 0)")
+    args = parser.parse_args()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world_size = dist.get_world_size()
+    results = {variant: measure(args, variant, world_size) for variant in args.variants}
+    if dist.get_rank() == 0:
+        table = markdown(results, args, world_size)
+        print(table)
+        if args.output:
+            Path(args.output).with_suffix(".json").write_text(json.dumps(
+                {"args": vars(args), "world_size": world_size, "results": results}, indent=2))
+            Path(args.output).with_suffix(".md").write_text(table)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
