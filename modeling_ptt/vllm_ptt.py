@@ -34,7 +34,7 @@ from vllm.sequence import IntermediateTensors
 
 from .configuration_ptt import PTConfig
 from .distributed_ptt import SafetensorsRows
-from .modeling_ptt import PTMLP, PTRMSNorm, PTSparseMoeBlock, PTTrackLinear, PTTrackSync
+from .modeling_ptt import PTMLP, PTAttentionProjections, PTRMSNorm, PTSparseMoeBlock, PTTrackSync
 
 
 logger = init_logger(__name__)
@@ -85,7 +85,7 @@ class PTVllmTrackSync(PTTrackSync):
         return merged / self.num_tracks
 
 
-class PTVllmAttention(nn.Module):
+class PTVllmAttention(PTAttentionProjections):
     """The rank's tracks' attention: batched track projections, then ONE vLLM `Attention` over all local heads.
 
     Track `t` owns a contiguous group of query heads and of KV heads, so folding the tracks into the head dim gives
@@ -93,19 +93,9 @@ class PTVllmAttention(nn.Module):
     """
 
     def __init__(self, config: PTConfig, layer_idx: int, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        n, d, bias = config.num_tracks, config.hidden_size, config.attention_bias
-        self.head_dim = config.head_dim
+        super().__init__(config)
         self.num_heads = config.num_attention_heads  # of the local tracks (see local_track_config)
         self.num_kv_heads = config.num_key_value_heads
-        q_width = config.num_attention_heads_per_track * self.head_dim
-        kv_width = config.num_key_value_heads_per_track * self.head_dim
-        self.q_proj = PTTrackLinear(n, d, q_width, bias=bias)
-        self.k_proj = PTTrackLinear(n, d, kv_width, bias=bias)
-        self.v_proj = PTTrackLinear(n, d, kv_width, bias=bias)
-        self.o_proj = PTTrackLinear(n, q_width, d, bias=bias)
-        self.q_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         # NoPE layers (AFM's global layers) attend without any position encoding
         self.rotary_emb = (
             get_rope(self.head_dim, max_position=config.max_position_embeddings,
@@ -171,8 +161,7 @@ class PTVllmModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.track_sync = PTVllmTrackSync(config.num_tracks, local_config.num_tracks)
-        sync_after = [i + 1 for i in range(config.num_hidden_layers) if config.is_sync_layer(i)]
-        self.track_blocks = [range(start, end) for start, end in zip([0] + sync_after[:-1], sync_after)]
+        self.track_blocks = config.track_blocks()
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         sync = self.track_sync
