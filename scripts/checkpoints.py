@@ -17,6 +17,7 @@ whole and is renamed into place (the kill came between steps 2 and 3).
     verify(path)                                  # CheckpointError naming the directory and each missing/changed file
     clean_leftovers(output_dir)                   # collective; once at start, before find_resumable
     write_training_state(...), read_training_state(path, ...)  # the single-process / DDP trainer's own files
+    write_rng_states(directory), read_rng_states(path)         # every process's own generator states
 
 The functions marked collective call `torch.distributed.barrier()` when a process group is initialized and must
 then be called by every process; the main process (rank 0) does the renames and deletions, so `output_dir` must be
@@ -29,7 +30,8 @@ The trainer's files (`write_training_state`), each read with safetensors or JSON
     optimizer.json         its param groups and non-tensor state
     scheduler.json         the LR scheduler's state dict
     scaler.json            the fp16 gradient scaler's state dict (only with one)
-    rng-{rank}.safetensors every process's torch (CPU, CUDA) and numpy generator states; Python's in the metadata
+    rng/rank-{rank}.safetensors  every process's torch (CPU, CUDA) and numpy generator states; Python's in
+                           the metadata
     trainer_state.json     the caller's progress (step, data position, ...) and the number of processes
 
 For tests, the environment variable PTT_CHECKPOINT_KILL_AT=`{phase}@{step}` SIGKILLs the main process when the
@@ -289,7 +291,7 @@ def write_training_state(
         if scaler is not None:
             _write_json(directory / SCALER, scaler.state_dict())
         write_trainer_state(directory, state)
-    _save_rng_states(directory / _rng_name(rank))
+    write_rng_states(directory)
 
 
 def read_training_state(
@@ -304,7 +306,6 @@ def read_training_state(
     file."""
     path = Path(path)
     files = verify(path)["files"]
-    rank = _rank()
 
     def file(name: str) -> Path:
         if name not in files:
@@ -315,12 +316,6 @@ def read_training_state(
         return path / name
 
     state = read_trainer_state(path)
-    saved_processes = state.pop("num_processes")
-    if _rng_name(rank) not in files:
-        raise CheckpointError(
-            f"checkpoint {path} has no {_rng_name(rank)}: it was saved by {saved_processes} processes, this is "
-            f"process {rank} of {_world_size()}"
-        )
     with _reading(path, MODEL):
         device = next(model.parameters()).device
         load_model(model, file(MODEL), strict=True, device=str(device))
@@ -334,8 +329,8 @@ def read_training_state(
     if scaler is not None:
         with _reading(path, SCALER):
             scaler.load_state_dict(json.loads(file(SCALER).read_text()))
-    with _reading(path, _rng_name(rank)):
-        _load_rng_states(file(_rng_name(rank)))
+    read_rng_states(path)
+    del state["num_processes"]
     return state
 
 
@@ -354,8 +349,32 @@ def write_trainer_state(directory: Path, state: dict) -> None:
     _write_json(directory / TRAINER_STATE, {**state, "num_processes": _world_size()})
 
 
+def write_rng_states(directory: Path) -> None:
+    """This process's generator states (call it on every process). In a subdirectory of their own, where a reader
+    that takes every safetensors file of the checkpoint for weights (torch.distributed.checkpoint's) does not look."""
+    path = directory / _rng_name(_rank())
+    path.parent.mkdir(exist_ok=True)
+    _save_rng_states(path)
+
+
+def read_rng_states(path: Path) -> None:
+    """Restore this process's generator states. A generator's state belongs to one process of one layout: resumed on
+    another number of processes, every process keeps the state its seed gave it, and the main process says so."""
+    saved_processes = read_trainer_state(path)["num_processes"]
+    if saved_processes != _world_size():
+        if _rank() == 0:
+            warnings.warn(f"checkpoint {path} was saved by {saved_processes} processes, this job has "
+                          f"{_world_size()}: the random generators restart from the seed", stacklevel=2)
+        return
+    name = _rng_name(_rank())
+    if not (path / name).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {name}: it was saved without this process's generators")
+    with _reading(path, name):
+        _load_rng_states(path / name)
+
+
 def _rng_name(rank: int) -> str:
-    return f"rng-{rank}.safetensors"
+    return f"rng/rank-{rank}.safetensors"
 
 
 def _write_json(path: Path, value) -> None:

@@ -44,7 +44,7 @@ from modeling_ptt import PTConfig, PTForCausalLM
 SCHEDULE_STATE = "schedule.json"  # the LR scheduler's state and the optimizer's param groups (learning rates)
 
 
-def check_layout(num_processes: int, track_parallel: int, num_tracks: int, mixed_precision: str) -> None:
+def check_layout(num_processes: int, track_parallel: int, num_tracks: int, mixed_precision: str, fsdp: bool) -> None:
     """A layout that cannot work fails here, on every rank, before the process group starts or any weight exists."""
     if track_parallel < 1:
         raise ValueError(f"--track-parallel {track_parallel}: must be at least 1")
@@ -55,6 +55,10 @@ def check_layout(num_processes: int, track_parallel: int, num_tracks: int, mixed
     if num_processes % track_parallel:
         raise ValueError(f"--track-parallel {track_parallel} does not divide the {num_processes} launched processes: "
                          f"the (data, tracks) mesh needs a multiple of {track_parallel} processes")
+    if fsdp and num_processes == track_parallel:
+        raise ValueError(f"FSDP2 shards over the data-parallel replicas, and {num_processes} processes with "
+                         f"--track-parallel {track_parallel} make one replica: nothing to shard over (drop --fsdp, "
+                         f"or launch a multiple of {track_parallel} processes)")
     if mixed_precision == "fp16":
         raise ValueError("--mixed-precision fp16 with --track-parallel: fp16's loss scaler would skip steps on some "
                          "ranks and not others; use bf16 or no")
@@ -311,12 +315,18 @@ class MeshParallel:
     def sharded_state(self, model, optimizer) -> dict[str, torch.Tensor]:
         """The model's and AdamW's tensors by name, each as what it is globally: a rank's track slice as its `Shard(0)`
         of a DTensor over the "tracks" axis (so a checkpoint holds every tensor whole, whatever W wrote it), an FSDP2
-        shard as its DTensor. The tensors share storage with the live ones: loading into them loads the model."""
+        shard as its DTensor, and an FSDP2 shard of a track slice as a DTensor over both axes. The tensors share
+        storage with the live ones: loading into them loads the model."""
         def global_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.detach()
-            if self.track_parallel > 1 and name in self.track_param_names and tensor.dim() > 0:
+            if self.track_parallel == 1 or name not in self.track_param_names or tensor.dim() == 0:
+                return tensor
+            if not isinstance(tensor, DTensor):
                 return DTensor.from_local(tensor, self.mesh["tracks"], [Shard(0)], run_check=False)
-            return tensor
+            # FSDP2's rows of the rank's tracks: the same rows of all tracks are spread over the "tracks" axis
+            shape = torch.Size([tensor.shape[0] * self.track_parallel, *tensor.shape[1:]])
+            return DTensor.from_local(tensor.to_local(), self.mesh, [Shard(1), Shard(0)], run_check=False,
+                                      shape=shape, stride=torch.empty(shape, device="meta").stride())
 
         model = unwrap(model)
         if isinstance(model, FSDPModule):
@@ -333,11 +343,11 @@ class MeshParallel:
 
     def save_state(self, directory: Path, model, optimizer, scheduler, state: dict) -> None:
         """Collective: every rank writes its own shards, as safetensors files that carry torch.distributed.checkpoint's
-        sharding in their metadata (nothing is pickled); the scheduler and the optimizer's learning rates as JSON."""
-        if self.shard and self.track_parallel > 1:
-            raise ValueError("checkpoints of FSDP2 combined with --track-parallel are not supported")
+        sharding in their metadata (nothing is pickled), and its generator states; the scheduler and the optimizer's
+        learning rates as JSON."""
         dcp.save(self.sharded_state(model, optimizer),
                  storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+        checkpoints.write_rng_states(directory)
         if self.is_main_process:
             groups = [{key: value for key, value in group.items() if key != "params"}
                       for group in optimizer.param_groups]
@@ -352,6 +362,7 @@ class MeshParallel:
         scheduler.load_state_dict(state["scheduler"])
         for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
             group.update(saved)
+        checkpoints.read_rng_states(directory)
 
     def wait_for_everyone(self) -> None:
         if dist.is_initialized():

@@ -388,10 +388,7 @@ def start_processes(args):
     # tracks over ranks, or FSDP2 where accelerate would not apply it (no GPU): torch's own DeviceMesh and fully_shard
     track_parallel = args.track_parallel if args.track_parallel is not None else 1
     num_tracks = config_values(args).get("num_tracks", PTConfig.num_tracks)
-    check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision)
-    if fsdp and track_parallel > 1 and (args.save_every or args.resume or args.stop_at_step):
-        raise ValueError("--save-every, --resume and --stop-at-step are not supported with FSDP and --track-parallel "
-                         "together yet")
+    check_layout(int(os.environ.get("WORLD_SIZE", "1")), track_parallel, num_tracks, args.mixed_precision, fsdp)
     return MeshParallel(track_parallel, fsdp, args.mixed_precision, args.gradient_accumulation_steps)
 
 

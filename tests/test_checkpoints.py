@@ -125,7 +125,7 @@ def test_resume_and_reload_unpickle_nothing(runs, corpus, tmp_path, monkeypatch)
     [
         (lambda c: (c / checkpoints.MANIFEST).unlink(), "is incomplete: it has no manifest.json"),
         (lambda c: (c / checkpoints.OPTIMIZER_TENSORS).unlink(), "optimizer.safetensors is missing"),
-        (lambda c: (c / "rng-0.safetensors").unlink(), "rng-0.safetensors is missing"),
+        (lambda c: (c / "rng" / "rank-0.safetensors").unlink(), "rng/rank-0.safetensors is missing"),
     ],
     ids=["no-manifest", "optimizer-missing", "rng-missing"],
 )

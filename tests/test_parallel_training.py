@@ -6,6 +6,7 @@ records its parameters when training ends and the collectives of every optimizer
 (tests/support/parallel_train_worker.py).
 """
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,9 +161,9 @@ def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
         (3, 2, [], r"--track-parallel 2 does not divide the 3 launched processes"),
         (1, 0, [], r"--track-parallel 0: must be at least 1"),
         (2, 2, ["--mixed-precision", "fp16"], r"fp16 .*--track-parallel"),
-        (4, 2, ["--fsdp", "--save-every", "2"], r"--save-every.*FSDP and --track-parallel"),
+        (2, 2, ["--fsdp"], r"FSDP2 shards over .* 2 processes with --track-parallel 2 make one replica"),
     ],
-    ids=["w-not-dividing-tracks", "w-not-dividing-processes", "w-zero", "fp16", "fsdp-tracks-checkpoints"],
+    ids=["w-not-dividing-tracks", "w-not-dividing-processes", "w-zero", "fp16", "fsdp-without-replicas"],
 )
 def test_impossible_layouts_fail_before_any_process_group_or_weight(tmp_path, monkeypatch, processes, track_parallel,
                                                                     extra, message):
@@ -217,10 +218,11 @@ def test_track_parallel_resume_continues_exactly(corpus, tmp_path):
     checkpoint = checkpoints.find_resumable(split)
     assert checkpoint.name == "checkpoint-2"
     # one safetensors shard per rank; the rest is JSON (nothing a loader would unpickle)
-    names = sorted(path.name for path in checkpoint.iterdir())
+    names = sorted(path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*") if path.is_file())
     assert [name for name in names if not name.endswith(".safetensors")] == [
         checkpoints.MANIFEST, "schedule.json", checkpoints.TRAINER_STATE]
-    assert len(names) == 5
+    assert [name for name in names if name.startswith("rng/")] == ["rng/rank-0.safetensors", "rng/rank-1.safetensors"]
+    assert len(names) == 7
     train_on_two_ranks(tmp_path, split, [*common, "--save-every", "2", "--resume"])
     assert losses(split) == losses(straight)
     resumed = load_file(split / "model.safetensors")
@@ -228,29 +230,53 @@ def test_track_parallel_resume_continues_exactly(corpus, tmp_path):
         assert torch.equal(resumed[name], tensor), name
 
 
-@pytest.mark.parametrize("layout", ["tracks", "fsdp"])
-def test_a_two_process_checkpoint_resumes_in_one_process(corpus, tmp_path, layout):
-    """The checkpoint of 2 ranks holding one track each, or of 2 FSDP2 shards taking batch 2 each, resumed by ONE
-    process holding everything (the same global batch): it continues as one process trained from the start would
-    have (fp32, rel 1e-5)."""
-    common = ["--data", str(corpus), *TRAIN_ARGS, *RESUME]
-    split, single = tmp_path / "split", tmp_path / "single"
-    if layout == "tracks":
-        train_on_two_ranks(tmp_path, split, [*common, *FIRST_HALF])
-    else:
-        run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(ROOT / "scripts" / "train.py"),
-                      *common, *FIRST_HALF, "--fsdp", "--batch-size", "2", "--output-dir", str(split)], child_env(),
-                     timeout_s=120)
-    train.train(train.parse_args([*common, "--track-parallel", "1", "--output-dir", str(split), "--resume"]))
-    train.train(train.parse_args([*common, "--output-dir", str(single)]))
-    assert_logs_close(losses(split), losses(single))
-    resumed = load_file(split / "model.safetensors")
-    for name, tensor in load_file(single / "model.safetensors").items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
-
-
 def test_resume_with_another_global_batch_names_both_layouts(corpus, tmp_path):
     common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "4", "--eval-blocks", "4", "--track-parallel", "1"]
     train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--save-every", "2", "--stop-at-step", "2"]))
     with pytest.raises(ValueError, match=r"written by 1 data-parallel replicas x --batch-size 4 .* this job has 1 x 2"):
         train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--resume", "--batch-size", "2"]))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(corpus, tmp_path_factory) -> Path:
+    """The oracle of the kill tests: RESUME's 4 steps in this process with the global batch of 4."""
+    run = tmp_path_factory.mktemp("one_process")
+    train.train(train.parse_args(["--data", str(corpus), *TRAIN_ARGS, *RESUME, "--output-dir", str(run)]))
+    return run
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "tracks", "2x2-fsdp"])
+def test_a_run_killed_while_saving_resumes_in_its_layout_and_in_one_process(corpus, tmp_path, one_process_run,
+                                                                            layout):
+    """Data parallel (2 processes), FSDP2 (2), track parallel (2 ranks of one track each) and FSDP2 over the replicas
+    of a (data, tracks) mesh (2 x 2), with a global batch of 4 and a save every step: rank 0 SIGKILLed after step 3's
+    files are written, before its manifest, leaves checkpoint-2 whole and the half-written save under a name resume
+    ignores. Resumed in the same layout, and resumed by ONE process holding everything (same global batch), the run
+    ends with the losses and weights of one process trained straight through (fp32, rel 1e-5)."""
+    processes, extra = {"ddp": (2, []), "fsdp": (2, ["--fsdp"]), "tracks": (2, ["--track-parallel", "2"]),
+                        "2x2-fsdp": (4, ["--track-parallel", "2", "--fsdp"])}[layout]
+    replicas = processes // (2 if "--track-parallel" in extra else 1)
+    run, alone = tmp_path / "run", tmp_path / "alone"
+    common = ["--data", str(corpus), *TRAIN_ARGS, *RESUME, "--save-every", "1"]
+    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={processes}", str(ROOT / "scripts" / "train.py"),
+               *common, *extra, "--batch-size", str(4 // replicas), "--output-dir", str(run)]
+    killed = run_launcher(command, child_env(**{checkpoints.KILL_AT_ENV: "before-manifest@3"}), timeout_s=150,
+                          check=False)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    assert sorted(path.name for path in run.glob("*checkpoint-*")) == [".saving-checkpoint-3", "checkpoint-2"]
+    saved = {path.relative_to(run / "checkpoint-2").as_posix() for path in (run / "checkpoint-2").rglob("*")}
+    assert {f"rng/rank-{rank}.safetensors" for rank in range(processes)} <= saved
+    shutil.copytree(run, alone)
+
+    run_launcher([*command, "--resume"], child_env(), timeout_s=150)
+    # the sharded formats load through torch.distributed.checkpoint, which --track-parallel 1 selects in one process
+    one_process = [] if layout == "ddp" else ["--track-parallel", "1"]
+    with pytest.warns(UserWarning, match=f"saved by {processes} processes, this job has 1"):
+        train.train(train.parse_args([*common, *one_process, "--output-dir", str(alone), "--resume"]))
+    expected = load_file(one_process_run / "model.safetensors")
+    for resumed_run in (run, alone):
+        assert_logs_close(losses(resumed_run), losses(one_process_run))
+        resumed = load_file(resumed_run / "model.safetensors")
+        for name, tensor in expected.items():
+            torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{resumed_run.name} {name}: {m}")

@@ -40,7 +40,7 @@ from helpers import SUPPORT, TESTS, TRAIN_ARGS, child_env, write_small_corpus
 RUN_ARGS = [*TRAIN_ARGS, "--save-every", "1", "--log-every", "1", "--eval-every", "5", "--eval-blocks", "4"]
 CHECKPOINT_FILES = {
     checkpoints.MANIFEST, checkpoints.MODEL, checkpoints.OPTIMIZER_TENSORS, checkpoints.OPTIMIZER,
-    checkpoints.SCHEDULER, checkpoints.TRAINER_STATE, "rng-0.safetensors",
+    checkpoints.SCHEDULER, checkpoints.TRAINER_STATE, "rng/rank-0.safetensors",
 }
 
 
@@ -144,7 +144,7 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 def assert_whole(path: Path) -> None:
     """Every file of a training checkpoint is there and reads completely (a check of its own, not the manifest's)."""
-    names = {file.name for file in path.iterdir()}
+    names = {file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file()}
     assert names == CHECKPOINT_FILES, f"{path} holds {sorted(names)}, not {sorted(CHECKPOINT_FILES)}"
     for name in names:
         if name.endswith(".json"):
