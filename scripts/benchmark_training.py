@@ -12,11 +12,14 @@ Each step is one AdamW step over the same global batch with gradient clipping, t
 `parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
 step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
 `allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
-weights, gradients and AdamW state (plus peak allocated memory on CUDA). Ratios are against tensor_parallel in the
-same run.
+weights, gradients and AdamW state and the peak memory: on CUDA the peak allocated, on Linux CPUs the growth of the
+peak resident set over the variant's start (the kernel's peak count is restarted for every variant, after what the
+previous one freed went back to the OS). Ratios are against tensor_parallel in the same run.
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import statistics
 import time
@@ -56,7 +59,26 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     }
 
 
+def resident_bytes(field: str) -> int | None:
+    """`VmRSS` (now) or `VmHWM` (peak) of this process, from Linux's /proc; None elsewhere."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
+
+
+def restart_peak_resident() -> int | None:
+    """Hand what earlier variants freed back to the OS and restart the kernel's peak-RSS count; the RSS now."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return resident_bytes("VmRSS")
+
+
 def measure(args, variant: str, world_size: int) -> dict:
+    resident_at_start = restart_peak_resident()
     config = model_config(args, variant)
     track_parallel = 1 if variant == "data_parallel" else world_size
     parallel = MeshParallel(track_parallel, shard=False, mixed_precision="no", gradient_accumulation_steps=1)
@@ -113,29 +135,36 @@ def measure(args, variant: str, world_size: int) -> dict:
         result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
     if parallel.device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(parallel.device)
+    elif resident_at_start is not None:
+        result["peak_resident_growth_bytes"] = resident_bytes("VmHWM") - resident_at_start
     del model, optimizer
     return result
 
 
 def markdown(results: dict, args, world_size: int) -> str:
-    base = results["tensor_parallel"]["step_s"]
+    base_result = results["tensor_parallel"]
+    base = base_result["step_s"]
     lines = [
         f"Training step, W={world_size} processes, L={args.layers}, d={args.hidden_size}, FFN {args.intermediate_size},"
         f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
         f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
         "",
         "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step "
-        "| MiB per rank (weights+grads+AdamW) |",
-        "|---|---|---|---|---|---|",
+        "| MiB per rank (weights+grads+AdamW) | peak MiB per rank |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         counts = ", ".join(f"{op.split('.')[-1]} {n}" for op, n in sorted(r["collectives_per_step"].items())) or "-"
         if "ddp_bucket_all_reduces_per_step" in r:
             counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
         mib = sum(r["bytes_per_rank"].values()) / 2**20
+        peak = r.get("peak_allocated_bytes", r.get("peak_resident_growth_bytes"))
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {r['tokens_per_s']:.0f} | {counts} "
-                     f"| {mib:.0f} |")
-    return "\n".join(lines) + "\n"
+                     f"| {mib:.0f} | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
+    peak_kind = "CUDA's peak allocated memory" if "peak_allocated_bytes" in base_result else \
+        "the growth of the peak resident set over the variant's start (rank 0; the first variant also pays the " \
+        "runtime's one-time allocations)"
+    return "\n".join([*lines, "", f"Peak: {peak_kind}."]) + "\n"
 
 
 def main():
@@ -156,6 +185,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write OUTPUT.json and OUTPUT.md (rank 0)")
     args = parser.parse_args()
+    if "tensor_parallel" not in args.variants:
+        parser.error("--variants must include tensor_parallel: the ratios are taken against it")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world_size = dist.get_world_size()
     results = {variant: measure(args, variant, world_size) for variant in args.variants}

@@ -1,5 +1,5 @@
 """Smoke test of scripts/benchmark.py --quick --experts 4 (all variants, pt_moe included): one process and 2 gloo
-ranks under torchrun; and what its presets stand for.
+ranks under torchrun; what its presets stand for; and scripts/benchmark_training.py on 2 ranks.
 
 It checks what the benchmark reports (the JSON schema, the collectives it counted per forward, the output check, the
 files), never the timings: those belong to the benchmark's own output, taken on a quiet machine.
@@ -14,6 +14,7 @@ import pytest
 
 import benchmark
 from helpers import child_env, run_launcher
+from modeling_ptt import PTConfig, PTForCausalLM
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +163,38 @@ def test_a_preset_is_its_flags_and_explicit_flags_win(preset, extra):
     assert chosen == spelled_out
     if "--batch" in extra:
         assert (chosen["batch"], chosen["out"]) == (2, "elsewhere")
+
+
+def test_training_benchmark_counts_collectives_and_state_per_rank(tmp_path):
+    """scripts/benchmark_training.py on 2 gloo ranks, tiny shape: every variant reported; per optimizer step
+    2*ceil(L/D) + 1 all_reduces track-parallel, 4L + 1 in tensor_parallel mode (+1: the clipping norm), DDP's
+    buckets data-parallel; a track rank holds exactly half of the track-stacked weights plus all the shared ones."""
+    layers, depth = 4, 3
+    prefix = tmp_path / "training"
+    run_launcher([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2",
+                  str(ROOT / "scripts" / "benchmark_training.py"), "--layers", str(layers), "--hidden-size", "32",
+                  "--intermediate-size", "64", "--heads", "4", "--kv-heads", "2", "--vocab-size", "100", "--depth",
+                  str(depth), "--batch", "2", "--seq-len", "16", "--warmup", "1", "--steps", "2", "--output",
+                  str(prefix)], child_env())
+    results = json.loads(prefix.with_suffix(".json").read_text())["results"]
+    assert list(results) == ["track_parallel", "tensor_parallel", "data_parallel"]
+    assert results["track_parallel"]["collectives_per_step"] == {"c10d.allreduce_": 2 * math.ceil(layers / depth) + 1}
+    assert results["tensor_parallel"]["collectives_per_step"] == {"c10d.allreduce_": 4 * layers + 1}
+    data_parallel = results["data_parallel"]
+    assert data_parallel["ddp_bucket_all_reduces_per_step"] >= 1
+    assert data_parallel["collectives_per_step"]["c10d.allreduce_"] >= data_parallel["ddp_bucket_all_reduces_per_step"]
+
+    config = PTConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, num_tracks=2)
+    model = PTForCausalLM(config)
+    track_names = set(model.track_stacked_parameter_names())
+    track = sum(p.numel() * 4 for name, p in model.named_parameters() if name in track_names)
+    shared = sum(p.numel() * 4 for name, p in model.named_parameters() if name not in track_names)
+    assert data_parallel["bytes_per_rank"]["weights"] == track + shared
+    for variant in ("track_parallel", "tensor_parallel"):
+        held = results[variant]["bytes_per_rank"]
+        assert held["weights"] == held["gradients"] == track // 2 + shared
+        assert held["optimizer"] == 2 * held["weights"]  # AdamW's two moments
+        assert results[variant]["peak_resident_growth_bytes"] > held["weights"]
+    table = prefix.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in results)
