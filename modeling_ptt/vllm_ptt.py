@@ -5,7 +5,11 @@ With vLLM and this package installed, `LLM(model=DIR)` and `vllm serve DIR` run 
 `tensor_parallel_size=W` (W must divide `num_tracks`), rank `r` holds tracks `[r*n/W, (r+1)*n/W)` and one vLLM
 `Attention` over their heads, so the paged KV cache of a rank holds its own tracks' KV heads only. A merge is the sum
 of the rank's tracks, ONE all_reduce over vLLM's tensor-parallel group, divided by n: `ceil(L/D)` per forward
-(`2L` in `sync_mode="tensor_parallel"`). Embedding and LM head are replicated, so they add no collective.
+(`2L` in `sync_mode="tensor_parallel"`). The embedding is replicated, so it adds no collective (a vocab-parallel one
+would add an all_reduce to every forward to save memory only). The LM head is replicated by default too;
+`hf_overrides={"lm_head_placement": "vocab_parallel"}` splits its vocabulary over the ranks instead, for one
+all_gather of the logits per step: it saves each rank `(W-1)/W` of the head's matmul, which pays where the head is
+a large part of a rank's work (a large vocabulary on many GPUs).
 
 This module is the only one that imports vLLM, and nothing the remote-code modules import imports it, so
 `save_pretrained` never copies it and loading a model never needs vLLM.
@@ -27,7 +31,9 @@ from vllm.distributed import (
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 from vllm.sequence import IntermediateTensors
@@ -39,6 +45,7 @@ from .modeling_ptt import PTMLP, PTAttentionProjections, PTRMSNorm, PTSparseMoeB
 
 logger = init_logger(__name__)
 ARCHITECTURE = "PTForCausalLM"
+LM_HEAD_PLACEMENTS = ("replicated", "vocab_parallel")
 
 
 def check_track_placement(config: PTConfig, world_size: int) -> None:
@@ -50,6 +57,17 @@ def check_track_placement(config: PTConfig, world_size: int) -> None:
         )
 
 
+def lm_head_placement(config: PTConfig) -> str:
+    """"replicated" (the default) or "vocab_parallel", as `hf_overrides` set it on the config."""
+    placement = getattr(config, "lm_head_placement", "replicated")
+    if placement not in LM_HEAD_PLACEMENTS:
+        raise ValueError(f"lm_head_placement={placement!r}: must be one of {LM_HEAD_PLACEMENTS}")
+    if placement == "vocab_parallel" and config.tie_word_embeddings:
+        raise ValueError("lm_head_placement='vocab_parallel' with tie_word_embeddings=True: the tied head is the "
+                         "replicated embedding table")
+    return placement
+
+
 class PTVllmConfigCheck(VerifyAndUpdateConfig):
     """Runs in the process that builds the engine's config, so a bad placement is raised by `LLM(...)` (and printed
     by `vllm serve`) instead of failing inside a worker as a generic engine start-up error."""
@@ -57,6 +75,7 @@ class PTVllmConfigCheck(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         check_track_placement(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        lm_head_placement(vllm_config.model_config.hf_config)
 
 
 def local_track_config(config: PTConfig, num_local_tracks: int) -> PTConfig:
@@ -188,10 +207,15 @@ class PTVllmForCausalLM(nn.Module):
         first = get_tensor_model_parallel_rank() * num_local_tracks
         self.local_tracks = range(first, first + num_local_tracks)
         self.model = PTVllmModel(config, local_track_config(config, num_local_tracks), vllm_config, prefix="model")
-        self.lm_head = (
-            self.model.embed_tokens if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        # vocab_parallel: vLLM's own head, each rank its slice of the vocabulary, gathered by its logits processor
+        self.logits_processor = None
+        if lm_head_placement(config) == "vocab_parallel":
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        elif config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -207,6 +231,8 @@ class PTVllmForCausalLM(nn.Module):
         return self.model(hidden_states, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.logits_processor is not None:
+            return self.logits_processor(self.lm_head, hidden_states)
         return nn.functional.linear(hidden_states, self.lm_head.weight)
 
     def checkpoint_files(self) -> list[str]:
@@ -237,11 +263,14 @@ class PTVllmForCausalLM(nn.Module):
                     param = params[name]
                     rows = self.local_tracks if name in track_stacked else None
                     tensor = checkpoint.read(file, name, rows)
-                    if tensor.shape != param.shape:
+                    if name == "lm_head.weight" and self.logits_processor is not None:
+                        param.weight_loader(param, tensor)  # vLLM's head keeps the rank's vocabulary rows, padded
+                    elif tensor.shape != param.shape:
                         raise ValueError(f"{path}: {name} has shape {tuple(checkpoint.shape(name))}, the config "
                                          f"gives {tuple(param.shape)} for tracks {self.local_tracks}")
-                    with torch.no_grad():
-                        param.copy_(tensor)
+                    else:
+                        with torch.no_grad():
+                            param.copy_(tensor)
                     bytes_read += tensor.numel() * tensor.element_size()
                     loaded.add(name)
         if self.config.tie_word_embeddings:

@@ -5,6 +5,8 @@
 
 Models, all of one shape (random weights: speed does not depend on them):
   - "pt": PT with `track_block_depth` D (ceil(L/D) all_reduces per forward),
+  - "pt_vocab_parallel_head": "pt" with its LM head's vocabulary split over the ranks (one all_gather of the
+    logits per step instead of the whole head's matmul on every rank; W > 1 only),
   - "pt_tensor_parallel": the same weights with `sync_mode="tensor_parallel"` (2L all_reduces, dense maths),
   - "llama": vLLM's own `LlamaForCausalLM` of equal d, H, K, I, L, run with vLLM's tensor parallelism
     (2L all_reduces plus a vocab-parallel embedding and LM head).
@@ -25,6 +27,13 @@ from pathlib import Path
 
 
 MIXES = {"long_prompt_short_answer": (256, 8), "short_prompt_long_answer": (16, 64)}
+# name: (checkpoint, vLLM hf_overrides)
+MODELS = {
+    "pt": ("pt", {}),
+    "pt_vocab_parallel_head": ("pt", {"lm_head_placement": "vocab_parallel"}),
+    "pt_tensor_parallel": ("pt_tensor_parallel", {}),
+    "llama": ("llama", {}),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="requests per throughput measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache per worker")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="the engines to run (ratios are given where both sides ran)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results/vllm"))
     return parser.parse_args(argv)
 
@@ -98,9 +109,10 @@ def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     medians = {}
     for name in names:
-        llm = LLM(model=str(paths[name]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
+        checkpoint, hf_overrides = MODELS[name]
+        llm = LLM(model=str(paths[checkpoint]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
                   enforce_eager=args.device == "cpu", skip_tokenizer_init=True, seed=0,
-                  kv_cache_memory_bytes=args.kv_cache_mib << 20)
+                  kv_cache_memory_bytes=args.kv_cache_mib << 20, hf_overrides=hf_overrides)
         runs = {mix: [] for mix in MIXES}
         for repeat in range(args.repeats + 1):  # the first round warms the engine up and is dropped
             for mix, (prompt_len, answer_len) in MIXES.items():
@@ -113,10 +125,12 @@ def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -
     return medians
 
 
-def ratios(medians: dict, model: str, baseline: str) -> dict:
-    """model / baseline per mix: below 1 is better for TTFT and TPOT, above 1 for throughput."""
-    return {mix: {key: medians[model][mix][key] / medians[baseline][mix][key] for key in medians[model][mix]}
-            for mix in MIXES}
+def ratios(medians: dict, pairs: list[tuple[str, str]]) -> dict:
+    """model / baseline per mix, for the pairs that both ran: below 1 is better for TTFT and TPOT, above 1 for
+    throughput."""
+    return {f"{model} / {baseline}": {mix: {key: medians[model][mix][key] / medians[baseline][mix][key]
+                                             for key in medians[model][mix]} for mix in MIXES}
+            for model, baseline in pairs if model in medians and baseline in medians}
 
 
 def markdown(report: dict) -> str:
@@ -175,14 +189,13 @@ def main(argv=None) -> dict:
         if W > 1:
             if args.device == "cpu":
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(W)))
-            medians = run_group(args, paths, ["pt", "pt_tensor_parallel", "llama"], W)
-            report["groups"][f"W={W}"] = {"medians": medians, "ratios": {
-                "pt / pt_tensor_parallel": ratios(medians, "pt", "pt_tensor_parallel"),
-                "pt / llama": ratios(medians, "pt", "llama")}}
+            medians = run_group(args, paths, args.models, W)
+            report["groups"][f"W={W}"] = {"medians": medians, "ratios": ratios(medians, [
+                ("pt", "pt_tensor_parallel"), ("pt", "llama"), ("pt_vocab_parallel_head", "pt")])}
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         if not args.skip_single:
-            medians = run_group(args, paths, ["pt", "llama"], 1)
-            report["groups"]["W=1"] = {"medians": medians, "ratios": {"pt / llama": ratios(medians, "pt", "llama")}}
+            medians = run_group(args, paths, [name for name in ("pt", "llama") if name in args.models], 1)
+            report["groups"]["W=1"] = {"medians": medians, "ratios": ratios(medians, [("pt", "llama")])}
     (args.out / "benchmark_vllm.json").write_text(json.dumps(report, indent=2))
     (args.out / "benchmark_vllm.md").write_text(markdown(report))
     plot(report, args.out / "benchmark_vllm.png")

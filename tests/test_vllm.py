@@ -68,11 +68,13 @@ def save_checkpoint(path: Path, tokenizer: PreTrainedTokenizerFast, seed: int, *
     return model
 
 
-def run_engine(model_dir: Path, tensor_parallel_size: int, prompts: list[list[int]], tmp: Path) -> dict:
+def run_engine(model_dir: Path, tensor_parallel_size: int, prompts: list[list[int]], tmp: Path,
+               hf_overrides: dict) -> dict:
     """Run support/vllm_engine_worker.py on `model_dir`; on a hang kill its process group (engine core, workers)."""
     job = tmp / "job.json"
     job.write_text(json.dumps({"model": str(model_dir), "tensor_parallel_size": tensor_parallel_size,
-                               "prompts": prompts, "max_tokens": MAX_TOKENS, "max_model_len": 128}))
+                               "prompts": prompts, "max_tokens": MAX_TOKENS, "max_model_len": 128,
+                               "hf_overrides": hf_overrides}))
     command = [sys.executable, str(SUPPORT / "vllm_engine_worker.py"), str(job)]
     child = subprocess.Popen(command, env=vllm_env(tensor_parallel_size), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -114,22 +116,26 @@ def prompt_logprobs_oracle(model: PTForCausalLM, ids: list[int]) -> list[float]:
 class Engine:
     """One checkpoint served at one tensor_parallel_size, with every offline answer of its engine."""
 
-    def __init__(self, tmp: Path, tokenizer, tensor_parallel_size: int, seed: int, **overrides):
+    def __init__(self, tmp: Path, tokenizer, tensor_parallel_size: int, seed: int, hf_overrides: dict,
+                 **overrides):
         self.model_dir = tmp / "model"
         self.model = save_checkpoint(self.model_dir, tokenizer, seed, **overrides)
         self.config = self.model.config
         self.world_size = tensor_parallel_size
+        self.vocab_parallel_head = hf_overrides.get("lm_head_placement") == "vocab_parallel"
         self.prompts = [tokenizer(text)["input_ids"] for text in PROMPT_TEXTS]
         assert len({len(ids) for ids in self.prompts}) > 1  # continuous batching of different lengths
-        self.answers = run_engine(self.model_dir, tensor_parallel_size, self.prompts, tmp)
+        self.answers = run_engine(self.model_dir, tensor_parallel_size, self.prompts, tmp, hf_overrides)
 
 
 ENGINES = {
-    # (tensor_parallel_size, overrides): D=2 and D=3 do not divide L=5, so the last block is shorter
-    "w2_d2": (2, dict(track_block_depth=2)),
-    "w2_tensor_parallel": (2, dict(track_block_depth=1, sync_mode="tensor_parallel")),
-    "w2_moe_afm_d3": (2, dict(track_block_depth=3, **AFM_OPTIONS)),
-    "w1_moe_afm_d2": (1, dict(track_block_depth=2, **AFM_OPTIONS)),
+    # (tensor_parallel_size, vLLM's hf_overrides, config overrides): D=2 and D=3 do not divide L=5, so the last
+    # block is shorter; the tensor-parallel engine also splits the LM head's vocabulary, as Megatron's layout does
+    "w2_d2": (2, {}, dict(track_block_depth=2)),
+    "w2_tensor_parallel": (2, {"lm_head_placement": "vocab_parallel"},
+                           dict(track_block_depth=1, sync_mode="tensor_parallel")),
+    "w2_moe_afm_d3": (2, {}, dict(track_block_depth=3, **AFM_OPTIONS)),
+    "w1_moe_afm_d2": (1, {}, dict(track_block_depth=2, **AFM_OPTIONS)),
 }
 
 
@@ -139,8 +145,9 @@ def engines(tmp_path_factory, tokenizer) -> dict:
 
     class Engines(dict):
         def __missing__(self, name: str) -> Engine:
-            world_size, overrides = ENGINES[name]
-            self[name] = Engine(tmp_path_factory.mktemp(name), tokenizer, world_size, seed=len(name), **overrides)
+            world_size, hf_overrides, overrides = ENGINES[name]
+            self[name] = Engine(tmp_path_factory.mktemp(name), tokenizer, world_size, len(name), hf_overrides,
+                                **overrides)
             return self[name]
 
     return Engines()
@@ -171,16 +178,18 @@ def test_seeded_sampling_is_reproducible(engine):
     assert first != other_seed
 
 
-def test_one_all_reduce_per_merge_and_none_for_embedding_or_head(engine):
-    """Every model forward of every rank runs exactly ceil(L/D) all_reduces (2L in tensor-parallel mode), the logits
-    none: embedding and LM head are replicated."""
+def test_one_all_reduce_per_merge_and_none_for_the_embedding(engine):
+    """Every model forward of every rank runs exactly ceil(L/D) all_reduces (2L in tensor-parallel mode): the
+    embedding is replicated. The logits take no collective with the replicated head, one all_gather with the
+    vocab-parallel one."""
     L, D = engine.config.num_hidden_layers, engine.config.track_block_depth
     independent = 2 * L if engine.config.sync_mode == "tensor_parallel" else math.ceil(L / D)
     expected = {"all_reduce": independent} if engine.world_size > 1 else {}
+    logits = {"all_gather": 1} if engine.vocab_parallel_head else {}
     for rank_tally in engine.answers["collectives"]:
         assert len(rank_tally["forward"]) >= MAX_TOKENS * len(engine.prompts)
         assert all(counts == expected for counts in rank_tally["forward"]), rank_tally["forward"][:3]
-        assert all(counts == {} for counts in rank_tally["compute_logits"])
+        assert all(counts == logits for counts in rank_tally["compute_logits"]), rank_tally["compute_logits"][:3]
 
 
 def test_every_rank_holds_and_reads_only_its_tracks(engine):
@@ -193,24 +202,39 @@ def test_every_rank_holds_and_reads_only_its_tracks(engine):
         assert loaded["tracks"] == [rank * n // W, (rank + 1) * n // W]
         for name, shape in loaded["shapes"].items():
             expected = [n // W, *full[name][1:]] if name.startswith("model.layers.") else full[name]
+            if name == "lm_head.weight" and engine.vocab_parallel_head:  # vLLM pads the vocabulary to 64s
+                expected = [-(-full[name][0] // 64) * 64 // W, full[name][1]]
             assert shape == expected, name
         assert loaded["bytes_read"] == checkpoint_bytes - track_bytes + track_bytes // W
 
 
-def test_tensor_parallel_size_not_dividing_num_tracks_fails_in_llm(tmp_path, tokenizer):
-    """vLLM itself accepts W=4 here (it divides the heads and KV heads); the plugin refuses it before any worker
-    starts, and the caller of LLM(...) sees why."""
-    save_checkpoint(tmp_path / "model", tokenizer, seed=0, num_tracks=2)
-    code = (f"from vllm import LLM\nif __name__ == '__main__':\n    LLM(model={str(tmp_path / 'model')!r}, "
-            "tensor_parallel_size=4, dtype='float32', enforce_eager=True, max_model_len=128)")
+@pytest.mark.parametrize(
+    "tensor_parallel_size, config, hf_overrides, message",
+    [
+        (4, dict(num_tracks=2), {}, "tensor_parallel_size=4 does not divide num_tracks=2"),
+        (2, dict(tie_word_embeddings=True), {"lm_head_placement": "vocab_parallel"},
+         "lm_head_placement='vocab_parallel' with tie_word_embeddings=True"),
+    ],
+    ids=["w-not-dividing-tracks", "vocab-parallel-tied-head"],
+)
+def test_a_placement_that_cannot_work_fails_in_llm(tmp_path, tokenizer, tensor_parallel_size, config, hf_overrides,
+                                                    message):
+    """vLLM itself accepts W=4 here (it divides the heads and KV heads), and any hf_overrides; the plugin refuses
+    them before any worker starts, and the caller of LLM(...) sees why."""
+    save_checkpoint(tmp_path / "model", tokenizer, seed=0, **config)
+    # what LLM(...) raises, not what a worker logs
+    code = (f"from vllm import LLM\nif __name__ == '__main__':\n    try:\n        LLM(model={str(tmp_path / 'model')!r}, "
+            f"tensor_parallel_size={tensor_parallel_size}, dtype='float32', enforce_eager=True, max_model_len=128, "
+            f"hf_overrides={hf_overrides!r})\n    except Exception as error:\n        print('RAISED', error)\n"
+            "        raise SystemExit(3)")
     child = subprocess.Popen([sys.executable, "-c", code], env=vllm_env(1), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = child.communicate(timeout=ENGINE_TIMEOUT_S)
     finally:
         kill_group(child)
-    assert child.returncode != 0
-    assert "tensor_parallel_size=4 does not divide num_tracks=2" in output, output[-3000:]
+    assert child.returncode == 3, output[-3000:]
+    assert message in output[output.index("RAISED"):], output[-3000:]
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:

@@ -1,7 +1,8 @@
 """Start ONE vLLM engine on a model directory, run every offline check against it, print the answers as JSON.
 
 Run as `python vllm_engine_worker.py JOB.json` (a child process, so the test can kill the engine's whole process
-group on a hang). The job gives the model directory, tensor_parallel_size and the prompts (token ids). The answers:
+group on a hang). The job gives the model directory, tensor_parallel_size, vLLM's hf_overrides and the prompts
+(token ids). The answers:
 greedy tokens of every prompt alone and of all prompts in one batch, prompt logprobs, two seeded samples, the
 collectives each rank ran per model forward, and what each rank loaded.
 """
@@ -70,7 +71,7 @@ def main(job_path: str) -> None:
 
     job = json.loads(open(job_path).read())
     llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"], dtype="float32",
-              enforce_eager=True, max_model_len=job["max_model_len"], seed=0)
+              enforce_eager=True, max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     answers = {"loaded": llm.collective_rpc(loaded_weights)}
