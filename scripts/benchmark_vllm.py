@@ -12,9 +12,9 @@ Models, all of one shape (random weights: speed does not depend on them):
     (2L all_reduces plus a vocab-parallel embedding and LM head).
 Two request mixes, the paper's two regimes scaled down: long prompt / short answer and short prompt / long answer.
 Per mix: TTFT (latency of one request with max_tokens=1), TPOT ((latency with max_tokens=N - TTFT) / (N - 1)) and
-request throughput (a batch of requests submitted together). Engines run one after another (each started once, its
-repeats interleaved over the mixes), medians taken; ratios are against "pt_tensor_parallel" and "llama" of the same
-run. At W=1, PT (batched tracks) is compared with the Llama of equal size.
+request throughput (a batch of requests submitted together). Engines run one after another, in order and then in
+reverse order (each started twice, its repeats interleaved over the mixes), medians taken over both; ratios are
+against "pt_tensor_parallel" and "llama" of the same run. At W=1, PT (batched tracks) is compared with the Llama of equal size.
 """
 
 import argparse
@@ -103,26 +103,25 @@ def measure(llm, prompt_len: int, answer_len: int, batch: int) -> dict[str, floa
 
 def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -> dict:
     """One engine at a time (several vLLM engines at once do not fit a shared machine's memory): start it, run the
-    repeats with the mixes interleaved, shut it down; medians per model and mix."""
+    repeats with the mixes interleaved, shut it down. The engines run in order and then in reverse order (an engine
+    that runs later was measured faster here whatever it was), and the medians per model and mix pool both runs."""
     from vllm import LLM
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    medians = {}
-    for name in names:
+    runs = {name: {mix: [] for mix in MIXES} for name in names}
+    for name in [*names, *reversed(names)]:
         checkpoint, hf_overrides = MODELS[name]
         llm = LLM(model=str(paths[checkpoint]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
                   enforce_eager=args.device == "cpu", skip_tokenizer_init=True, seed=0,
                   kv_cache_memory_bytes=args.kv_cache_mib << 20, hf_overrides=hf_overrides)
-        runs = {mix: [] for mix in MIXES}
         for repeat in range(args.repeats + 1):  # the first round warms the engine up and is dropped
             for mix, (prompt_len, answer_len) in MIXES.items():
                 result = measure(llm, prompt_len, answer_len, args.batch)
                 if repeat:
-                    runs[mix].append(result)
+                    runs[name][mix].append(result)
         llm.llm_engine.engine_core.shutdown()
-        medians[name] = {mix: {key: statistics.median(run[key] for run in by_repeat) for key in by_repeat[0]}
-                         for mix, by_repeat in runs.items()}
-    return medians
+    return {name: {mix: {key: statistics.median(run[key] for run in by_repeat) for key in by_repeat[0]}
+                   for mix, by_repeat in by_mix.items()} for name, by_mix in runs.items()}
 
 
 def ratios(medians: dict, pairs: list[tuple[str, str]]) -> dict:
