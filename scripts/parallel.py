@@ -133,7 +133,6 @@ class DataParallel:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.fsdp:
             check_sharded(model)
-            self.accelerator.register_for_checkpointing(scheduler)
         return model, optimizer
 
     def accumulate(self, model):
@@ -165,20 +164,19 @@ class DataParallel:
             else None
 
     def save_state(self, directory: Path, model, optimizer, scheduler, state: dict) -> None:
-        """Collective. Without FSDP, files that load without unpickling (`checkpoints.write_training_state`); FSDP2
-        on GPUs goes through accelerate's sharded `save_state`, whose loader unpickles the scheduler's state and
-        torch.distributed.checkpoint's metadata, so load such checkpoints only from a source you trust."""
+        """Collective; files that load without unpickling. Without FSDP the main process writes the whole state
+        (`checkpoints.write_training_state`); FSDP2 on GPUs writes every rank's shards as the mesh modes do (so such
+        a checkpoint also resumes in them, and they in it)."""
         if self.fsdp:
-            self.accelerator.save_state(str(directory))
-            if self.is_main_process:
-                checkpoints.write_trainer_state(directory, state)
+            save_sharded_state(directory, model, optimizer, scheduler, state, plain_view, self.is_main_process,
+                               self.accelerator.scaler)
         else:
             checkpoints.write_training_state(directory, self.accelerator.unwrap_model(model), optimizer, scheduler,
                                              state, self.accelerator.scaler)
 
     def load_state(self, directory: Path, model, optimizer, scheduler) -> None:
         if self.fsdp:
-            self.accelerator.load_state(str(directory))
+            load_sharded_state(directory, model, optimizer, scheduler, plain_view, self.accelerator.scaler)
         else:
             checkpoints.read_training_state(directory, self.accelerator.unwrap_model(model), optimizer, scheduler,
                                             self.accelerator.scaler)
@@ -312,61 +310,75 @@ class MeshParallel:
         return model_from_state_dict(model.config, state_dict, model.generation_config) if self.is_main_process \
             else None
 
-    def sharded_state(self, model, optimizer) -> dict[str, torch.Tensor]:
-        """The model's and AdamW's tensors by name, each as what it is globally: a rank's track slice as its `Shard(0)`
-        of a DTensor over the "tracks" axis (so a checkpoint holds every tensor whole, whatever W wrote it), an FSDP2
-        shard as its DTensor, and an FSDP2 shard of a track slice as a DTensor over both axes. The tensors share
-        storage with the live ones: loading into them loads the model."""
-        def global_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor.detach()
-            if self.track_parallel == 1 or name not in self.track_param_names or tensor.dim() == 0:
-                return tensor
-            if not isinstance(tensor, DTensor):
-                return DTensor.from_local(tensor, self.mesh["tracks"], [Shard(0)], run_check=False)
-            # FSDP2's rows of the rank's tracks: the same rows of all tracks are spread over the "tracks" axis
-            shape = torch.Size([tensor.shape[0] * self.track_parallel, *tensor.shape[1:]])
-            return DTensor.from_local(tensor.to_local(), self.mesh, [Shard(1), Shard(0)], run_check=False,
-                                      shape=shape, stride=torch.empty(shape, device="meta").stride())
-
-        model = unwrap(model)
-        if isinstance(model, FSDPModule):
-            model.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: back to the shards
-        named = dict(model.named_parameters())
-        state = {f"model.{name}": global_view(name, param) for name, param in named.items()}
-        for name, param in named.items():
-            if not optimizer.state[param]:  # a fresh AdamW creates its state at the first step: create it now
-                optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param.detach()),
-                                              exp_avg_sq=torch.zeros_like(param.detach()))
-            for key, value in optimizer.state[param].items():
-                state[f"optimizer.{name}.{key}"] = global_view(name, value)
-        return state
+    def global_view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (of the parameter `name`) as what it is globally: a rank's track slice as its `Shard(0)` of a
+        DTensor over the "tracks" axis (so a checkpoint holds every tensor whole, whatever W wrote it), an FSDP2
+        shard as its DTensor, and an FSDP2 shard of a track slice as a DTensor over both axes."""
+        tensor = tensor.detach()
+        if self.track_parallel == 1 or name not in self.track_param_names or tensor.dim() == 0:
+            return tensor
+        if not isinstance(tensor, DTensor):
+            return DTensor.from_local(tensor, self.mesh["tracks"], [Shard(0)], run_check=False)
+        # FSDP2's rows of the rank's tracks: the same rows of all tracks are spread over the "tracks" axis
+        shape = torch.Size([tensor.shape[0] * self.track_parallel, *tensor.shape[1:]])
+        return DTensor.from_local(tensor.to_local(), self.mesh, [Shard(1), Shard(0)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def save_state(self, directory: Path, model, optimizer, scheduler, state: dict) -> None:
-        """Collective: every rank writes its own shards, as safetensors files that carry torch.distributed.checkpoint's
-        sharding in their metadata (nothing is pickled), and its generator states; the scheduler and the optimizer's
-        learning rates as JSON."""
-        dcp.save(self.sharded_state(model, optimizer),
-                 storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
-        checkpoints.write_rng_states(directory)
-        if self.is_main_process:
-            groups = [{key: value for key, value in group.items() if key != "params"}
-                      for group in optimizer.param_groups]
-            (directory / SCHEDULE_STATE).write_text(json.dumps({"scheduler": scheduler.state_dict(),
-                                                                "param_groups": groups}))
-            checkpoints.write_trainer_state(directory, state)
+        save_sharded_state(directory, unwrap(model), optimizer, scheduler, state, self.global_view,
+                           self.is_main_process)
 
     def load_state(self, directory: Path, model, optimizer, scheduler) -> None:
-        """Load what `save_state` wrote, with any number of ranks: each rank reads the parts of the tensors it holds."""
-        dcp.load(self.sharded_state(model, optimizer), storage_reader=HuggingFaceStorageReader(str(directory)))
-        state = json.loads((directory / SCHEDULE_STATE).read_text())
-        scheduler.load_state_dict(state["scheduler"])
-        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
-            group.update(saved)
-        checkpoints.read_rng_states(directory)
+        load_sharded_state(directory, unwrap(model), optimizer, scheduler, self.global_view)
 
     def wait_for_everyone(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+
+def sharded_state(model, optimizer, global_view) -> dict[str, torch.Tensor]:
+    """The model's and AdamW's tensors by name, each as `global_view(parameter name, tensor)` gives it. The tensors
+    share storage with the live ones: loading into them loads the model."""
+    if isinstance(model, FSDPModule):
+        model.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: back to the shards
+    named = dict(model.named_parameters())
+    state = {f"model.{name}": global_view(name, param) for name, param in named.items()}
+    for name, param in named.items():
+        if not optimizer.state[param]:  # a fresh AdamW creates its state at the first step: create it now
+            optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param.detach()),
+                                          exp_avg_sq=torch.zeros_like(param.detach()))
+        for key, value in optimizer.state[param].items():
+            state[f"optimizer.{name}.{key}"] = global_view(name, value)
+    return state
+
+
+def save_sharded_state(directory: Path, model, optimizer, scheduler, state: dict, global_view,
+                       is_main_process: bool, scaler=None) -> None:
+    """Collective: every rank writes its own shards of `sharded_state`, as safetensors files that carry
+    torch.distributed.checkpoint's sharding in their metadata (nothing is pickled), and its generator states; the
+    main process the scheduler, the optimizer's learning rates (and an fp16 scaler) as JSON."""
+    dcp.save(sharded_state(model, optimizer, global_view),
+             storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    checkpoints.write_rng_states(directory)
+    if is_main_process:
+        groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+        schedule = {"scheduler": scheduler.state_dict(), "param_groups": groups}
+        if scaler is not None:
+            schedule["scaler"] = scaler.state_dict()
+        (directory / SCHEDULE_STATE).write_text(json.dumps(schedule))
+        checkpoints.write_trainer_state(directory, state)
+
+
+def load_sharded_state(directory: Path, model, optimizer, scheduler, global_view, scaler=None) -> None:
+    """Load what `save_sharded_state` wrote, with any number of ranks: each reads the parts of the tensors it holds."""
+    dcp.load(sharded_state(model, optimizer, global_view), storage_reader=HuggingFaceStorageReader(str(directory)))
+    schedule = json.loads((directory / SCHEDULE_STATE).read_text())
+    scheduler.load_state_dict(schedule["scheduler"])
+    for group, saved in zip(optimizer.param_groups, schedule["param_groups"], strict=True):
+        group.update(saved)
+    if scaler is not None:
+        scaler.load_state_dict(schedule["scaler"])
+    checkpoints.read_rng_states(directory)
 
 
 def model_from_state_dict(config: PTConfig, state_dict: dict, generation_config) -> PTForCausalLM:
@@ -382,6 +394,11 @@ def model_from_state_dict(config: PTConfig, state_dict: dict, generation_config)
             model._init_weights(owner)
     model.generation_config = generation_config
     return model
+
+
+def plain_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as a checkpoint holds it when every rank holds every track (an FSDP2 shard is its own DTensor)."""
+    return tensor.detach()
 
 
 def unwrap(model):
