@@ -178,11 +178,7 @@ class PTTrackSync(nn.Module):
     def merge(self, tracks: torch.Tensor) -> torch.Tensor:
         merged = tracks.sum(0)
         if self.process_group is not None:
-            if torch.is_grad_enabled() and merged.requires_grad:
-                # one all_reduce forward; the backward is free, as the gradient after a merge is replicated
-                merged = MergeAcrossRanks.apply(merged, self.process_group)
-            else:
-                dist.all_reduce(merged, group=self.process_group)
+            merged = self.sum_over_ranks(merged)
         return merged / self.num_tracks
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
@@ -191,12 +187,15 @@ class PTTrackSync(nn.Module):
         tracks once, as a merge's does."""
         if self.process_group is None:
             return value
-        value = value.clone()
-        if torch.is_grad_enabled() and value.requires_grad:
-            value = MergeAcrossRanks.apply(value, self.process_group)
-        else:
-            dist.all_reduce(value, group=self.process_group)
-        return value * (self.num_local_tracks / self.num_tracks)
+        return self.sum_over_ranks(value.clone()) * (self.num_local_tracks / self.num_tracks)
+
+    def sum_over_ranks(self, fresh: torch.Tensor) -> torch.Tensor:
+        """`fresh` (a tensor of its own: it is reduced in place) summed over the ranks by one all_reduce. When it
+        carries gradients, the backward is free: everything after the sum is replicated on every rank."""
+        if torch.is_grad_enabled() and fresh.requires_grad:
+            return MergeAcrossRanks.apply(fresh, self.process_group)
+        dist.all_reduce(fresh, group=self.process_group)
+        return fresh
 
     def extra_repr(self) -> str:
         return f"num_tracks={self.num_tracks}, num_local_tracks={self.num_local_tracks}"
