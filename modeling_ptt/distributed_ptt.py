@@ -45,7 +45,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -322,7 +322,7 @@ class SafetensorsRows:
         return tensor
 
 
-def read_track_slices(
+def iter_track_slices(
     files: list[str],
     model_name: Callable[[str], str | None],
     expected: dict[str, torch.Size],
@@ -330,15 +330,16 @@ def read_track_slices(
     tracks: range,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> dict[str, torch.Tensor]:
-    """Read the tensors named in `expected`: for track-stacked ones (`track_names`) only the slice `tracks` of dim 0.
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model name, tensor) of the tensors named in `expected`, one at a time: for track-stacked ones (`track_names`)
+    only the slice `tracks` of dim 0.
 
     `model_name` maps a checkpoint name to the model's (None: not this model's, skip it). Every shape is checked
     against `expected` (the full, unsplit shapes) and every dtype against `check_floating_point` before its bytes are
-    read; floating-point tensors are cast to `dtype` (None: kept as stored).
+    read; floating-point tensors are cast to `dtype` (None: kept as stored). A caller that copies each tensor into
+    place holds one tensor beyond its model at any time.
     """
     num_tracks = next(expected[name][0] for name in track_names)
-    state_dict = {}
     for path in files:
         checkpoint = SafetensorsRows(path)
         with open(path, "rb") as file:
@@ -359,8 +360,7 @@ def read_track_slices(
                 tensor = checkpoint.read(file, stored_name, tracks if name in track_names else None)
                 if dtype is not None:
                     tensor = tensor.to(dtype)
-                state_dict[name] = tensor.to(device)
-    return state_dict
+                yield name, tensor.to(device)
 
 
 def check_floating_point(checkpoint: SafetensorsRows, name: str, dtype: torch.dtype | None) -> None:
@@ -441,10 +441,10 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
     with torch.device("meta"):
         model = model_class(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state_dict = read_track_slices(
+    state_dict = dict(iter_track_slices(
         checkpoint_files(path, hub_kwargs), checkpoint_to_model_names(model, expected), expected,
         set(model.track_stacked_parameter_names()), tracks, device, dtype,
-    )
+    ))
     tied = (model._tied_weights_keys or {}) if config.tie_word_embeddings else {}
     for target, source in tied.items():  # a tied head is saved without its own copy
         state_dict.setdefault(target, state_dict.get(source))

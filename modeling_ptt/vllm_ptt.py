@@ -39,7 +39,7 @@ from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdate
 from vllm.sequence import IntermediateTensors
 
 from .configuration_ptt import PTConfig
-from .distributed_ptt import SafetensorsRows
+from .distributed_ptt import iter_track_slices
 from .modeling_ptt import PTMLP, PTAttentionProjections, PTRMSNorm, PTSparseMoeBlock, PTTrackSync
 
 
@@ -248,31 +248,29 @@ class PTVllmForCausalLM(nn.Module):
         return files
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Read this rank's slices straight from the safetensors files: only rows `local_tracks` of every
-        track-stacked tensor (dim 0 is the track), whole shared tensors. vLLM's `weights` iterator is lazy and is
-        left unread, since it would read every tensor whole on every rank."""
+        """Read this rank's slices straight from the safetensors files, one tensor at a time: only rows
+        `local_tracks` of every track-stacked tensor (dim 0 is the track), whole shared tensors, each checked against
+        the full shape the config gives (`iter_track_slices`, what transformers' track-parallel load reads with).
+        vLLM's `weights` iterator is lazy and is left unread, since it would read every tensor whole on every
+        rank."""
         params = dict(self.named_parameters(remove_duplicate=False))
         track_stacked = {name for name in params if name.startswith("model.layers.")}
+        full_shapes = {name: torch.Size([self.config.num_tracks, *param.shape[1:]]) if name in track_stacked
+                       else param.shape for name, param in params.items()}
+        if self.logits_processor is not None:  # vLLM's head holds a padded slice of the vocabulary
+            full_shapes["lm_head.weight"] = torch.Size([self.config.vocab_size, self.config.hidden_size])
         loaded, bytes_read = set(), 0
-        for path in self.checkpoint_files():
-            checkpoint = SafetensorsRows(path)
-            with open(path, "rb") as file:
-                for name in checkpoint.keys():
-                    if name not in params:
-                        continue
-                    param = params[name]
-                    rows = self.local_tracks if name in track_stacked else None
-                    tensor = checkpoint.read(file, name, rows)
-                    if name == "lm_head.weight" and self.logits_processor is not None:
-                        param.weight_loader(param, tensor)  # vLLM's head keeps the rank's vocabulary rows, padded
-                    elif tensor.shape != param.shape:
-                        raise ValueError(f"{path}: {name} has shape {tuple(checkpoint.shape(name))}, the config "
-                                         f"gives {tuple(param.shape)} for tracks {self.local_tracks}")
-                    else:
-                        with torch.no_grad():
-                            param.copy_(tensor)
-                    bytes_read += tensor.numel() * tensor.element_size()
-                    loaded.add(name)
+        slices = iter_track_slices(self.checkpoint_files(), lambda name: name if name in params else None,
+                                   full_shapes, track_stacked, self.local_tracks, torch.device("cpu"), dtype=None)
+        for name, tensor in slices:
+            param = params[name]
+            if name == "lm_head.weight" and self.logits_processor is not None:
+                param.weight_loader(param, tensor)  # keeps the rank's vocabulary rows, padded
+            else:
+                with torch.no_grad():
+                    param.copy_(tensor)
+            bytes_read += tensor.numel() * tensor.element_size()
+            loaded.add(name)
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
         self.bytes_read = bytes_read
