@@ -18,6 +18,7 @@ whole and is renamed into place (the kill came between steps 2 and 3).
     clean_leftovers(output_dir)                   # collective; once at start, before find_resumable
     write_training_state(...), read_training_state(path, ...)  # the single-process / DDP trainer's own files
     write_rng_states(directory), read_rng_states(path)         # every process's own generator states
+    write_json(path, value), read_json(directory, name)        # a checkpoint's JSON files, errors naming them
 
 The functions marked collective call `torch.distributed.barrier()` when a process group is initialized and must
 then be called by every process; the main process (rank 0) does the renames and deletions, so `output_dir` must be
@@ -286,10 +287,10 @@ def write_training_state(
         save_model(model, str(directory / MODEL))
         tensors, rest = _split_optimizer_state(optimizer.state_dict())
         save_file(tensors, directory / OPTIMIZER_TENSORS)
-        _write_json(directory / OPTIMIZER, rest)
-        _write_json(directory / SCHEDULER, scheduler.state_dict())
+        write_json(directory / OPTIMIZER, rest)
+        write_json(directory / SCHEDULER, scheduler.state_dict())
         if scaler is not None:
-            _write_json(directory / SCALER, scaler.state_dict())
+            write_json(directory / SCALER, scaler.state_dict())
         write_trainer_state(directory, state)
     write_rng_states(directory)
 
@@ -315,7 +316,8 @@ def read_training_state(
             )
         return path / name
 
-    state = read_trainer_state(path)
+    with _reading(path, TRAINER_STATE):
+        state = json.loads(file(TRAINER_STATE).read_text())
     with _reading(path, MODEL):
         device = next(model.parameters()).device
         load_model(model, file(MODEL), strict=True, device=str(device))
@@ -340,13 +342,12 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if TRAINER_STATE not in verify(path, hashes=False)["files"]:
         raise CheckpointError(f"checkpoint {path} has no {TRAINER_STATE}")
-    with _reading(path, TRAINER_STATE):
-        return json.loads((path / TRAINER_STATE).read_text())
+    return read_json(path, TRAINER_STATE)
 
 
 def write_trainer_state(directory: Path, state: dict) -> None:
     """`state` (JSON: step, data position, ...) with the number of processes that wrote the checkpoint."""
-    _write_json(directory / TRAINER_STATE, {**state, "num_processes": _world_size()})
+    write_json(directory / TRAINER_STATE, {**state, "num_processes": _world_size()})
 
 
 def write_rng_states(directory: Path) -> None:
@@ -358,9 +359,10 @@ def write_rng_states(directory: Path) -> None:
 
 
 def read_rng_states(path: Path) -> None:
-    """Restore this process's generator states. A generator's state belongs to one process of one layout: resumed on
-    another number of processes, every process keeps the state its seed gave it, and the main process says so."""
-    saved_processes = read_trainer_state(path)["num_processes"]
+    """Restore this process's generator states from a checkpoint the caller has verified. A generator's state belongs
+    to one process of one layout: resumed on another number of processes, every process keeps the state its seed
+    gave it, and the main process says so."""
+    saved_processes = read_json(path, TRAINER_STATE)["num_processes"]  # verified by the caller
     if saved_processes != _world_size():
         if _rank() == 0:
             warnings.warn(f"checkpoint {path} was saved by {saved_processes} processes, this job has "
@@ -377,7 +379,13 @@ def _rng_name(rank: int) -> str:
     return f"rng/rank-{rank}.safetensors"
 
 
-def _write_json(path: Path, value) -> None:
+def read_json(directory: Path, name: str):
+    """The JSON file `name` of a checkpoint; an error names the checkpoint and the file."""
+    with _reading(directory, name):
+        return json.loads((directory / name).read_text())
+
+
+def write_json(path: Path, value) -> None:
     try:
         text = json.dumps(value, indent=1)
     except TypeError as error:  # e.g. a tensor-valued learning rate: say what could not be stored

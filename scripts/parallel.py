@@ -20,7 +20,6 @@ reduce-scatters) when there is more than one row, and the loss's reduction over 
 """
 
 import hashlib
-import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -128,8 +127,8 @@ class DataParallel:
         self.tracks = range(num_tracks)  # every process holds every track
         return self.tracks
 
-    def prepare(self, model, optimizer, scheduler):
-        # the scheduler is stepped by hand once per optimizer step (a prepared scheduler steps once per process)
+    def prepare(self, model, optimizer):
+        # not the scheduler: it is stepped by hand once per optimizer step (a prepared one steps once per process)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.fsdp:
             check_sharded(model)
@@ -222,7 +221,7 @@ class MeshParallel:
         self.tracks = range(self.track_index * per_rank, (self.track_index + 1) * per_rank)
         return self.tracks
 
-    def prepare(self, model: PTForCausalLM, optimizer, scheduler):
+    def prepare(self, model: PTForCausalLM, optimizer):
         model.place_tracks(self.track_group if self.track_parallel > 1 else None, len(self.tracks))
         self.track_param_names = set(model.track_stacked_parameter_names())
         if self.num_replicas == 1:
@@ -365,14 +364,14 @@ def save_sharded_state(directory: Path, model, optimizer, scheduler, state: dict
         schedule = {"scheduler": scheduler.state_dict(), "param_groups": groups}
         if scaler is not None:
             schedule["scaler"] = scaler.state_dict()
-        (directory / SCHEDULE_STATE).write_text(json.dumps(schedule))
+        checkpoints.write_json(directory / SCHEDULE_STATE, schedule)
         checkpoints.write_trainer_state(directory, state)
 
 
 def load_sharded_state(directory: Path, model, optimizer, scheduler, global_view, scaler=None) -> None:
     """Load what `save_sharded_state` wrote, with any number of ranks: each reads the parts of the tensors it holds."""
     dcp.load(sharded_state(model, optimizer, global_view), storage_reader=HuggingFaceStorageReader(str(directory)))
-    schedule = json.loads((directory / SCHEDULE_STATE).read_text())
+    schedule = checkpoints.read_json(directory, SCHEDULE_STATE)
     scheduler.load_state_dict(schedule["scheduler"])
     for group, saved in zip(optimizer.param_groups, schedule["param_groups"], strict=True):
         group.update(saved)

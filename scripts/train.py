@@ -19,8 +19,9 @@ tokenized, joined with the end-of-text token and packed into blocks of `--block-
 
 Output directory: `train_log.jsonl` (one line per logged step: step, loss, val_loss, val_ppl, tokens_per_s, lr,
 tokens seen; val_* are null on steps without evaluation; the step-0 line also names the dataset), `loss_curve.png`,
-`checkpoint-{step}/` (the latest only, whole after a kill at any moment: scripts/checkpoints.py), the final `save_pretrained` model with its tokenizer and remote code, and
-`validation.jsonl` (the held-out text, one document per line, what `scripts/eval_perplexity.py` gives to lm-eval).
+`checkpoint-{step}/` (the latest only, whole after a kill at any moment: scripts/checkpoints.py), the final
+`save_pretrained` model with its tokenizer and remote code, and `validation.jsonl` (the held-out text, one document
+per line, what `scripts/eval_perplexity.py` gives to lm-eval).
 """
 
 import argparse
@@ -336,8 +337,8 @@ def expert_token_shares(model: torch.nn.Module, blocks: torch.Tensor, batch_size
 
 def save_checkpoint(parallel, model, optimizer, scheduler, output_dir: Path, step: int, position: int,
                     layout: dict) -> Path:
-    """Model, optimizer, scheduler (and, data parallel, every process's RNG states), the data position and the layout
-    that fixes which blocks a position means, saved so that a kill at any moment leaves only whole checkpoints."""
+    """Model, optimizer, scheduler, every process's RNG states, the data position and the layout that fixes which
+    blocks a position means, saved so that a kill at any moment leaves only whole checkpoints."""
     state = {"step": step, "position": position, **layout}
     return checkpoints.save_checkpoint(
         output_dir, step, lambda directory: parallel.save_state(directory, model, optimizer, scheduler, state)
@@ -517,7 +518,7 @@ def train(args) -> dict:
     num_parameters = count_parameters(model, config.num_tracks)
     optimizer = build_optimizer(model, args)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    model, optimizer = parallel.prepare(model, optimizer, scheduler)
+    model, optimizer = parallel.prepare(model, optimizer)
     sampler = BlockSampler(len(train_blocks), args.batch_size, parallel.num_replicas, parallel.replica_index, args.seed)
     tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * parallel.num_replicas
     log = TrainLog(output_dir / LOG_NAME, parallel, tokens_per_step)
