@@ -327,9 +327,14 @@ def reset_peak_memory(device: torch.device):
 def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return resident_bytes("VmHWM")
+
+
+def resident_bytes(field: str) -> int | None:
+    """`VmRSS` (now) or `VmHWM` (the peak since the last reset) of this process, from Linux's /proc; None elsewhere."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return None
 

@@ -18,6 +18,7 @@ previous one freed went back to the OS). Ratios are against tensor_parallel in t
 """
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmark_harness import peak_memory_bytes, reset_peak_memory, resident_bytes
 from collectives import CollectiveCounter
 from modeling_ptt import PTConfig
 from parallel import MeshParallel, init_from_scratch
@@ -59,21 +61,12 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     }
 
 
-def resident_bytes(field: str) -> int | None:
-    """`VmRSS` (now) or `VmHWM` (peak) of this process, from Linux's /proc; None elsewhere."""
-    status = Path("/proc/self/status")
-    lines = status.read_text().splitlines() if status.exists() else []
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
-
-
 def restart_peak_resident() -> int | None:
     """Hand what earlier variants freed back to the OS and restart the kernel's peak-RSS count; the RSS now."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
+    reset_peak_memory(torch.device("cpu"))
     return resident_bytes("VmRSS")
 
 
@@ -84,7 +77,7 @@ def measure(args, variant: str, world_size: int) -> dict:
     parallel = MeshParallel(track_parallel, shard=False, mixed_precision="no", gradient_accumulation_steps=1)
     model = init_from_scratch(config, args.seed, parallel.track_range(config.num_tracks)).to(parallel.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model, optimizer = parallel.prepare(model, optimizer, None)
+    model, optimizer = parallel.prepare(model, optimizer)
     buckets = None
     if isinstance(model, DistributedDataParallel):  # its built-in bucket all_reduces run in C++, unseen by the counter
         buckets = {"count": 0}
@@ -113,7 +106,7 @@ def measure(args, variant: str, world_size: int) -> dict:
     with CollectiveCounter() as counter:
         step()
     if parallel.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(parallel.device)
+        reset_peak_memory(parallel.device)
     times = []
     for _ in range(args.steps):
         dist.barrier()
@@ -134,9 +127,9 @@ def measure(args, variant: str, world_size: int) -> dict:
     if buckets is not None:
         result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
     if parallel.device.type == "cuda":
-        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(parallel.device)
+        result["peak_allocated_bytes"] = peak_memory_bytes(parallel.device)
     elif resident_at_start is not None:
-        result["peak_resident_growth_bytes"] = resident_bytes("VmHWM") - resident_at_start
+        result["peak_resident_growth_bytes"] = peak_memory_bytes(parallel.device) - resident_at_start
     del model, optimizer
     return result
 
