@@ -56,6 +56,7 @@ import torch.distributed as dist
 # sibling modules of scripts/ by name: Python puts a script's own folder on sys.path
 from benchmark_harness import (
     Prompts,
+    add_shape_arguments,
     bare_all_reduce,
     build_models,
     measure,
@@ -85,14 +86,7 @@ PRESETS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shape = parser.add_argument_group("model shape (defaults: the W=2 CPU shape of docs/performance/w2.md)")
-    shape.add_argument("--layers", type=int, default=16)
-    shape.add_argument("--hidden-size", type=int, default=512)
-    shape.add_argument("--intermediate-size", type=int, default=3072)
-    shape.add_argument("--heads", type=int, default=8)
-    shape.add_argument("--kv-heads", type=int, default=2)
-    shape.add_argument("--vocab-size", type=int, default=8192)
-    shape.add_argument("--num-tracks", type=int, default=2)
+    add_shape_arguments(parser)
     work = parser.add_argument_group("workload")
     work.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8], help="PT track block depths D")
     work.add_argument("--variants", nargs="+", help="a subset of the variant names (default: all)")

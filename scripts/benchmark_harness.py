@@ -11,6 +11,7 @@
 `args` is scripts/benchmark.py's parsed command line; the rows it returns are benchmark_report's.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -122,6 +123,19 @@ def start_world(device: str) -> World:
         raise SystemExit(f"--device {device}: under a launcher the tracks load onto {track_device} (cuda:LOCAL_RANK "
                          "whenever CUDA is visible; CUDA_VISIBLE_DEVICES= keeps them on the CPU)")
     return World(size, rank, track_device)
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape flags that `llama_config` and the training benchmark read, with the default shape of the
+    W=2 CPU measurements."""
+    shape = parser.add_argument_group("model shape (defaults: the W=2 CPU shape of docs/performance/w2.md)")
+    shape.add_argument("--layers", type=int, default=16)
+    shape.add_argument("--hidden-size", type=int, default=512)
+    shape.add_argument("--intermediate-size", type=int, default=3072)
+    shape.add_argument("--heads", type=int, default=8)
+    shape.add_argument("--kv-heads", type=int, default=2)
+    shape.add_argument("--vocab-size", type=int, default=8192)
+    shape.add_argument("--num-tracks", type=int, default=2)
 
 
 def llama_config(args) -> LlamaConfig:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmark_harness import peak_memory_bytes, reset_peak_memory, resident_bytes
+from benchmark_harness import add_shape_arguments, peak_memory_bytes, reset_peak_memory, resident_bytes
 from collectives import CollectiveCounter
 from modeling_ptt import PTConfig
 from parallel import MeshParallel, init_from_scratch
@@ -162,13 +162,7 @@ def markdown(results: dict, args, world_size: int) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=3072)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--num-tracks", type=int, default=2)
+    add_shape_arguments(parser)
     parser.add_argument("--depth", type=int, default=8, help="D of the track_parallel variant")
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per optimizer step)")
     parser.add_argument("--seq-len", type=int, default=128)
