@@ -7,7 +7,7 @@ Importing the package registers `model_type="ptt"` with the Auto classes, so a s
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ptt import PTConfig
-from .modeling_ptt import PTForCausalLM, PTModel, PTPreTrainedModel
+from .modeling_parallel_track import PTForCausalLM, PTModel, PTPreTrainedModel
 
 
 AutoConfig.register(PTConfig.model_type, PTConfig, exist_ok=True)

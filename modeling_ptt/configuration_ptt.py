@@ -8,11 +8,14 @@ from transformers import PreTrainedConfig
 SYNC_MODES = ("track_block", "tensor_parallel")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("dense", "sparse")
-# every Auto class a user may load a saved PT model with, not only the one it was saved from
+# Every Auto class a user may load a saved PT model with, not only the one it was saved from. The model's module is
+# not called `modeling_ptt.py`: a saved folder on `sys.path` (a script or `python -m` started in it) would shadow the
+# package of that name.
+MODEL_MODULE = "modeling_parallel_track"
 AUTO_MAP = {
     "AutoConfig": "configuration_ptt.PTConfig",
-    "AutoModel": "modeling_ptt.PTModel",
-    "AutoModelForCausalLM": "modeling_ptt.PTForCausalLM",
+    "AutoModel": f"{MODEL_MODULE}.PTModel",
+    "AutoModelForCausalLM": f"{MODEL_MODULE}.PTForCausalLM",
 }
 
 

@@ -40,7 +40,7 @@ from vllm.sequence import IntermediateTensors
 
 from .configuration_ptt import PTConfig
 from .distributed_ptt import iter_track_slices
-from .modeling_ptt import PTMLP, PTAttentionProjections, PTRMSNorm, PTSparseMoeBlock, PTTrackSync
+from .modeling_parallel_track import PTMLP, PTAttentionProjections, PTRMSNorm, PTSparseMoeBlock, PTTrackSync
 
 
 logger = init_logger(__name__)

@@ -33,7 +33,7 @@ from benchmark_report import spread, throughput_spread
 from collectives import CollectiveCounter
 from modeling_ptt import PTConfig, PTForCausalLM
 from modeling_ptt.distributed_ptt import init_track_parallel
-from modeling_ptt.modeling_ptt import CACHE_FIELD
+from modeling_ptt.modeling_parallel_track import CACHE_FIELD
 
 
 # Relative error of the logits (max |a - b| / max |b|) tolerated between two computations of the same function.

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from modeling_ptt import PTConfig, PTForCausalLM
-from modeling_ptt.modeling_ptt import CACHE_FIELD
+from modeling_ptt.modeling_parallel_track import CACHE_FIELD
 from script_io import check_output_file, read_json_file
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.testing_utils import CaptureLogger
 
-import modeling_ptt.modeling_ptt as modeling
+import modeling_ptt.modeling_parallel_track as modeling
 from helpers import ROOT, SUPPORT, child_env, run_launcher, tiny_model
 from modeling_ptt import PTForCausalLM
 

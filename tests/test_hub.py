@@ -269,7 +269,7 @@ def test_card_leaves_out_what_the_directory_does_not_hold(tmp_path):
     ("no_config", "has no config.json"),
     ("llama", "model_type='llama', not a PT model"),
     ("bad_layout", "PTConfig.num_attention_heads=3: must be divisible by num_tracks=2"),
-    ("no_modeling", "modeling_ptt.py is missing"),
+    ("no_modeling", "modeling_parallel_track.py is missing"),
     ("no_conversion", "imports a module that is missing"),
     ("no_weights", "has no model.safetensors"),
     ("no_auto_map", "has no auto_map['AutoModelForCausalLM']"),
@@ -290,7 +290,7 @@ def test_push_refuses_incomplete_directories(tmp_path, breakage, message):
                        "no_auto_map": {"auto_map": {"AutoConfig": "configuration_ptt.PTConfig"}}}[breakage])
         config_file.write_text(json.dumps(config))
     elif breakage == "no_modeling":
-        (tmp_path / "modeling_ptt.py").unlink()
+        (tmp_path / "modeling_parallel_track.py").unlink()
     elif breakage == "no_conversion":
         (tmp_path / "conversion_ptt.py").unlink()
     elif breakage == "no_weights":

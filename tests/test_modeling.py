@@ -49,7 +49,7 @@ def test_track_weights_are_stacked_on_dim_zero():
 def test_track_linear_is_one_linear_per_track_in_both_matmul_forms(rows, bias):
     """Up to 4 rows per track (decoding) take the `W @ x^T` form on CPU, more take `x @ W^T`; both must be every
     track's own nn.functional.linear, values and gradients (fp32, atol 1e-5)."""
-    from modeling_ptt.modeling_ptt import PTTrackLinear
+    from modeling_ptt.modeling_parallel_track import PTTrackLinear
 
     torch.manual_seed(0)
     layer = PTTrackLinear(3, 16, 24, bias=bias)

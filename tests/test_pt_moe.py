@@ -79,7 +79,7 @@ def test_eager_experts_kernel_equals_grouped_mm_forward_and_backward():
     kernel on the same folded experts, for routings that give experts no row, one row (padded to two columns), a
     few rows and 16 or more (the two matmul forms), including the gradients of inputs, weights and routing
     weights. fp32, atol 1e-5."""
-    from modeling_ptt.modeling_ptt import PTExperts
+    from modeling_ptt.modeling_parallel_track import PTExperts
 
     torch.manual_seed(0)
     config = tiny_config(num_tracks=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
@@ -142,7 +142,7 @@ def test_load_balancing_loss_sees_layers_that_offset_each_other():
     be. Tokens' logits are one-hot-like so the numbers are known: pooled 2.0 (= k, balanced), per router 4.0."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from modeling_ptt.modeling_ptt import pt_load_balancing_loss
+    from modeling_ptt.modeling_parallel_track import pt_load_balancing_loss
 
     first = torch.tensor([20.0, 20.0, -20.0, -20.0]).expand(1, 64, 4)  # [tracks, tokens, experts]
     second = first.flip(-1)

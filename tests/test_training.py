@@ -77,7 +77,7 @@ def test_output_loads_through_auto_classes(corpus, tmp_path):
     assert {"step", "loss", "val_loss", "val_ppl", "tokens_per_s", "lr"} <= set(records[-1])
     assert records[-1]["val_loss"] == summary["val_loss"] < summary["val_loss_before"]
     assert (out / train.PLOT_NAME).stat().st_size > 0
-    assert (out / "modeling_ptt.py").exists() and (out / "configuration_ptt.py").exists()
+    assert (out / "modeling_parallel_track.py").exists() and (out / "configuration_ptt.py").exists()
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)

@@ -23,6 +23,7 @@ token never leaves its track and the merge stays the only communication.
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_ptt import PTConfig, check_sync_schedule
+from .configuration_ptt import MODEL_MODULE, PTConfig, check_sync_schedule
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
 from .distributed_ptt import (
     DispatchToRanks,
@@ -577,6 +578,16 @@ def check_generate_inputs(config: PTConfig, generation_config, args: tuple, kwar
         )
 
 
+def remove_old_model_module(save_directory: Path) -> None:
+    """Re-saving a model saved by an older version over its own folder: drop the old `modeling_ptt.py` (no longer
+    named by `auto_map`), which shadows the installed package for any Python started in that folder."""
+    old_module = save_directory / "modeling_ptt.py"
+    if old_module.is_file() and "class PTForCausalLM(" in old_module.read_text(errors="replace"):
+        logger.warning(f"{old_module}: removed the model code of an older version (the model's code is now "
+                       f"{MODEL_MODULE}.py; a file named modeling_ptt.py shadows the modeling_ptt package)")
+        old_module.unlink()
+
+
 class PTPreTrainedModel(PreTrainedModel):
     config_class = PTConfig
     config: PTConfig
@@ -641,7 +652,8 @@ class PTPreTrainedModel(PreTrainedModel):
         if not self.holds_all_tracks:
             raise ValueError("This process holds only its own tracks (track-parallel load): saving them would write "
                              "a partial checkpoint. Load the model in a single process to save it.")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        remove_old_model_module(Path(save_directory))
 
     def set_sync_schedule(self, track_block_depth: int | None = None, sync_mode: str | None = None) -> None:
         """Change when the tracks merge on a built model, e.g. to compare block depths on the same weights (a
