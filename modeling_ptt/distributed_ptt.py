@@ -51,9 +51,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, PreTrainedConfig
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
 
+logger = logging.get_logger(__name__)
 TIMEOUT_ENV = "PTT_PROCESS_GROUP_TIMEOUT"
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
@@ -342,13 +343,15 @@ def iter_track_slices(
     num_tracks = next(expected[name][0] for name in track_names)
     for path in files:
         checkpoint = SafetensorsRows(path)
+        unexpected = []
         with open(path, "rb") as file:
             for stored_name in checkpoint.keys():
                 name = model_name(stored_name)
                 if name is None:
                     continue
-                if name not in expected:
-                    raise ValueError(f"{path}: tensor {stored_name!r} is not a parameter of this PT model")
+                if name not in expected:  # as transformers does: reported, the rest loads
+                    unexpected.append(stored_name)
+                    continue
                 shape = checkpoint.shape(stored_name)
                 if name in track_names and (len(shape) == 0 or shape[0] != num_tracks):
                     raise ValueError(f"{path}: tensor {stored_name!r} has shape {tuple(shape)}, whose dim 0 (tracks) "
@@ -361,10 +364,13 @@ def iter_track_slices(
                 if dtype is not None:
                     tensor = tensor.to(dtype)
                 yield name, tensor.to(device)
+        if unexpected:
+            logger.warning(f"{path}: {len(unexpected)} tensors are not weights of this PT model and were not loaded: "
+                           f"{unexpected[:10]}")
 
 
 def check_floating_point(checkpoint: SafetensorsRows, name: str, dtype: torch.dtype | None) -> None:
-    """Every tensor of a PT checkpoint is floating point: a float dtype other than the requested one is a cast, an
+    """Every weight of a PT model is floating point: a float dtype other than the requested one is a cast, an
     integer or boolean tensor is a broken or foreign checkpoint, which a cast would turn into silently wrong weights."""
     stored = checkpoint.dtype(name)
     if not stored.is_floating_point:
@@ -376,14 +382,19 @@ def check_floating_point(checkpoint: SafetensorsRows, name: str, dtype: torch.dt
                          "wrong weights")
 
 
-def check_safetensors_checkpoint(path: str, kwargs: dict) -> None:
+def check_safetensors_checkpoint(path: str, kwargs: dict, is_model_weight: Callable[[str], bool]) -> None:
     """Before transformers' own load: read the headers of the checkpoint's safetensors files (not their data) and
-    refuse a truncated or corrupt file, or a non-float tensor, naming the file and tensor.
+    refuse a truncated or corrupt file, or one of the model's own weights (`is_model_weight` of its stored name)
+    stored as integers or booleans, naming the file and tensor.
 
     transformers would report the first as a bare safetensors error that names no file, and load the second cast to
-    float. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is left to transformers.
+    float. Tensors that are not the model's weights are transformers' business (it reports them as unexpected and
+    loads the rest), and so is a quantized checkpoint (`quantization_config` in `kwargs`; a caller checks its config),
+    whose integer tensors are its format. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is
+    left to transformers too.
     """
-    if path is None or any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant")) or \
+    if path is None or any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant",
+                                                                     "quantization_config")) or \
             kwargs.get("use_safetensors") is False:
         return
     hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
@@ -391,7 +402,7 @@ def check_safetensors_checkpoint(path: str, kwargs: dict) -> None:
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     for file in checkpoint_files(path, hub_kwargs, required=False):
         checkpoint = SafetensorsRows(file)
-        for name in checkpoint.keys():
+        for name in filter(is_model_weight, checkpoint.keys()):
             check_floating_point(checkpoint, name, dtype if isinstance(dtype, torch.dtype) else None)
 
 

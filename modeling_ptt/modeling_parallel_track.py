@@ -21,6 +21,7 @@ attention only, and a sparse layer's experts belong to one track each (`gate_up_
 token never leaves its track and the merge stays the only communication.
 """
 
+import copy
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_ptt import MODEL_MODULE, PTConfig, check_sync_schedule
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
 from .distributed_ptt import (
+    HUB_KWARGS,
     DispatchToRanks,
     MergeAcrossRanks,
     check_safetensors_checkpoint,
@@ -615,16 +617,34 @@ class PTPreTrainedModel(PreTrainedModel):
         long a rank waits for a dead peer. See `distributed_ptt` for why this does not go through transformers'
         DTensor tensor-parallel loader.
 
-        Either way a truncated or corrupt safetensors file, or a tensor stored as an integer or boolean, is refused
-        before any weight loads, with an error that names the file (and the tensor).
+        Either way a truncated or corrupt safetensors file, or one of the model's weights stored as integers or
+        booleans, is refused before any weight loads, with an error that names the file (and the tensor). Tensors
+        the model does not have are reported as unexpected and left unloaded, as transformers does.
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
-            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
+            check_safetensors_checkpoint(
+                pretrained_model_name_or_path, kwargs, cls.is_stored_weight(pretrained_model_name_or_path, kwargs)
+            )
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
         return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
+
+    @classmethod
+    def is_stored_weight(cls, path, kwargs: dict) -> Callable[[str], bool]:
+        """Whether a checkpoint's tensor name is one of this model's weights, stored with or without the base model's
+        prefix (the names transformers matches). A quantized model's tensors are its quantizer's format: none."""
+        config = kwargs.get("config")
+        if not isinstance(config, PTConfig):
+            hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+            config = PTConfig.from_pretrained(config if config is not None else path, **hub_kwargs)
+        if getattr(config, "quantization_config", None) is not None:
+            return lambda name: False
+        with torch.device("meta"):
+            names = set(cls(copy.deepcopy(config)).state_dict())
+        prefix = f"{cls.base_model_prefix}."
+        return lambda name: name in names or prefix + name in names or name.removeprefix(prefix) in names
 
     def track_stacked_parameter_names(self) -> list[str]:
         """Parameters whose dim 0 is the track, i.e. every parameter of a decoder layer (dense or sparse, norms

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.testing_utils import CaptureLogger
 
+import modeling_ptt.distributed_ptt as distributed
 import modeling_ptt.modeling_parallel_track as modeling
 from helpers import ROOT, SUPPORT, child_env, run_launcher, tiny_model
 from modeling_ptt import PTForCausalLM
@@ -92,6 +93,40 @@ def test_a_tensor_stored_as_integers_is_refused_naming_it_and_both_dtypes(saved,
         with pytest.raises(ValueError, match=rf"model\.safetensors: tensor 'model\.norm\.weight' is stored as "
                                              rf"{stored}, but the model loads it as {loaded_as}"):
             PTForCausalLM.from_pretrained(tmp_path / "model", dtype=dtype, **LOADS[load])
+
+
+@pytest.mark.parametrize("load", LOADS)
+def test_tensors_the_model_does_not_have_are_reported_and_the_rest_loads(saved, tmp_path, load, input_ids):
+    """As transformers does (its common test adds an int64 tensor named `tensor`): not refused as a wrong dtype or
+    as "not a parameter", but reported as unexpected, and the model's own weights load."""
+    state = load_file(saved / "model.safetensors")
+    state["tensor"] = torch.arange(5)
+    state["model.layers.0.extra.weight"] = torch.ones(3)
+    shutil.copytree(saved, tmp_path / "model")
+    save_file(state, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    # transformers' loader reports on its logger, the track-parallel one on this package's
+    with CaptureLogger(logging.getLogger("transformers")) as ours, CaptureLogger(distributed.logger) as theirs:
+        model = PTForCausalLM.from_pretrained(tmp_path / "model", **LOADS[load]).eval()
+    report = ours.out + theirs.out
+    assert re.search(r"\btensor\b", report) and "model.layers.0.extra.weight" in report
+    with torch.no_grad():
+        expected = PTForCausalLM.from_pretrained(saved).eval()(input_ids).logits
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
+
+
+def test_integer_tensors_are_refused_only_as_the_models_own_unquantized_weights(saved, tmp_path):
+    """The dtype check names the model's weights, with or without the base model's prefix; a quantized checkpoint's
+    integer tensors (torchao's int8 data beside its scales) are its quantizer's format, not a broken weight."""
+    from modeling_ptt import PTModel
+
+    is_weight = PTForCausalLM.is_stored_weight(saved, {})
+    assert is_weight("model.norm.weight") and is_weight("lm_head.weight") and not is_weight("tensor")
+    assert PTModel.is_stored_weight(saved, {})("model.norm.weight") and PTModel.is_stored_weight(saved, {})("norm.weight")
+    shutil.copytree(saved, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao", "quant_type": "int8_weight_only"}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    assert not PTForCausalLM.is_stored_weight(tmp_path / "model", {})("model.norm.weight")
 
 
 @pytest.mark.parametrize("load", LOADS)
