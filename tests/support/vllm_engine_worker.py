@@ -55,11 +55,14 @@ def read_collectives(worker) -> dict:
 
 
 def loaded_weights(worker) -> dict:
-    """What this rank holds after loading: its tracks, every parameter's shape, the bytes it read, its peak RSS."""
+    """What this rank loaded: its tracks and layers, the shape of every checkpoint tensor it read (vLLM's CPU linear
+    layers repack their weights after loading, so the parameters no longer show it), the bytes it read, its peak
+    RSS."""
     model = worker.model_runner.get_model()
     return {
         "tracks": [model.local_tracks.start, model.local_tracks.stop],
-        "shapes": {name: list(param.shape) for name, param in model.named_parameters()},
+        "layers": [model.model.stage_layers.start, model.model.stage_layers.stop],
+        "shapes": model.read_shapes,
         "bytes_read": model.bytes_read,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -70,8 +73,10 @@ def main(job_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     job = json.loads(open(job_path).read())
-    llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"], dtype="float32",
-              enforce_eager=True, max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"])
+    llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"],
+              pipeline_parallel_size=job.get("pipeline_parallel_size", 1), dtype="float32",
+              enforce_eager=job.get("enforce_eager", True), quantization=job.get("quantization"),
+              max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     answers = {"loaded": llm.collective_rpc(loaded_weights)}
