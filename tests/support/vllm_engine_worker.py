@@ -4,7 +4,8 @@ Run as `python vllm_engine_worker.py JOB.json` (a child process, so the test can
 group on a hang). The job gives the model directory, tensor_parallel_size, vLLM's hf_overrides and the prompts
 (token ids). The answers:
 greedy tokens of every prompt alone and of all prompts in one batch, prompt logprobs, two seeded samples, the
-collectives each rank ran per model forward, and what each rank loaded.
+collectives each rank ran per model forward (eager engines), what each rank loaded, whether vLLM compiled the model
+and which quantization method every linear layer got.
 """
 
 import collections
@@ -68,22 +69,54 @@ def loaded_weights(worker) -> dict:
     }
 
 
+def compile_state(worker) -> dict:
+    """Whether vLLM compiled the model in this worker: the compilation mode, and the decorated module's own state (a
+    compiled artifact loaded from vLLM's cache would show as `aot_compiled_fn`; the tests give each engine an empty
+    cache)."""
+    from vllm.compilation.counter import compilation_counter
+
+    model = worker.model_runner.get_model().model
+    return {
+        "mode": str(worker.vllm_config.compilation_config.mode),
+        "models_seen": compilation_counter.num_models_seen,
+        "do_not_compile": bool(getattr(model, "do_not_compile", True)),
+        "compiled": bool(getattr(model, "compiled", False) or getattr(model, "aot_compiled_fn", None) is not None),
+    }
+
+
+def quantized_layers(worker) -> dict:
+    """The quantization method of every linear layer and fused-MoE expert layer of this rank."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    methods = {}
+    for name, module in worker.model_runner.get_model().named_modules():
+        if isinstance(module, LinearBase) or type(module).__name__ == "RoutedExperts":
+            methods[name] = type(module.quant_method).__name__
+    return methods
+
+
 def main(job_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     job = json.loads(open(job_path).read())
     llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"],
-              pipeline_parallel_size=job.get("pipeline_parallel_size", 1), dtype="float32",
+              pipeline_parallel_size=job.get("pipeline_parallel_size", 1), dtype=job.get("dtype", "float32"),
               enforce_eager=job.get("enforce_eager", True), quantization=job.get("quantization"),
               max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
-    answers = {"loaded": llm.collective_rpc(loaded_weights)}
+    pt_model = job.get("pt_model", True)
+    answers = {"loaded": llm.collective_rpc(loaded_weights) if pt_model else None,
+               "compile_state": llm.collective_rpc(compile_state) if pt_model else None,
+               "quantized_layers": llm.collective_rpc(quantized_layers)}
 
-    llm.collective_rpc(count_collectives)
+    # compiled graphs run the collectives without calling the Python wrappers that count them
+    count = job.get("enforce_eager", True)
+    if count:
+        llm.collective_rpc(count_collectives)
     answers["solo"] = [llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids for prompt in prompts]
-    answers["collectives"] = llm.collective_rpc(read_collectives)
+    answers["collectives"] = llm.collective_rpc(read_collectives) if count else None
     answers["batch"] = [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)]
 
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
