@@ -621,7 +621,7 @@ class PTPreTrainedModel(PreTrainedModel):
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
-            check_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
+            check_safetensors_checkpoint(cls, pretrained_model_name_or_path, kwargs)
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")

@@ -22,7 +22,7 @@ from transformers.testing_utils import CaptureLogger
 
 import modeling_ptt.modeling_parallel_track as modeling
 from helpers import ROOT, SUPPORT, child_env, run_launcher, tiny_model
-from modeling_ptt import PTForCausalLM
+from modeling_ptt import PTForCausalLM, PTModel
 
 
 LOADS = {"plain": {}, "track_parallel": {"tp_size": 1}}  # transformers' loader, and this package's slice reader
@@ -92,6 +92,23 @@ def test_a_tensor_stored_as_integers_is_refused_naming_it_and_both_dtypes(saved,
         with pytest.raises(ValueError, match=rf"model\.safetensors: tensor 'model\.norm\.weight' is stored as "
                                              rf"{stored}, but the model loads it as {loaded_as}"):
             PTForCausalLM.from_pretrained(tmp_path / "model", dtype=dtype, **LOADS[load])
+
+
+@pytest.mark.parametrize("model_class", [PTForCausalLM, PTModel])
+def test_an_integer_tensor_that_is_none_of_the_models_is_left_to_transformers(saved, tmp_path, model_class):
+    # transformers reports a tensor the model does not have as unexpected and loads nothing from it: no cast to refuse
+    # (its common test `test_model_weights_reload_no_missing_tied_weights` saves such a checkpoint)
+    state = load_file(saved / "model.safetensors")
+    state["step"] = torch.tensor([7])
+    shutil.copytree(saved, tmp_path / "model")
+    save_file(state, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    model, info = model_class.from_pretrained(tmp_path / "model", output_loading_info=True)
+    assert "step" in info["unexpected_keys"] and not info["missing_keys"]
+    # one of the model's own, under the name transformers maps to it (a base model strips the head's `model.`), is not
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int64)
+    save_file(state, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' is stored as torch\.int64"):
+        model_class.from_pretrained(tmp_path / "model")
 
 
 @pytest.mark.parametrize("load", LOADS)
