@@ -41,6 +41,16 @@ from transformers_tests.test_modeling_common import (  # noqa: E402
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny (width 32, 7 tokens): a second thread adds only its synchronisation, which made this module
+    several times slower on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class CausalLMTester:
     """The model tester of a decoder-only LM: `config_kwargs` of the class plus the common shape below."""
 
