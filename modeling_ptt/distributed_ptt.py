@@ -41,6 +41,7 @@ timeout is `from_pretrained(..., process_group_timeout=seconds)`, else the envir
 starts the process group. On NCCL, torch's watchdog (`TORCH_NCCL_ASYNC_ERROR_HANDLING`, on by default) enforces it.
 """
 
+import copy
 import json
 import math
 import os
@@ -382,16 +383,16 @@ def check_floating_point(checkpoint: SafetensorsRows, name: str, dtype: torch.dt
                          "wrong weights")
 
 
-def check_safetensors_checkpoint(path: str, kwargs: dict, is_model_weight: Callable[[str], bool]) -> None:
-    """Before transformers' own load: read the headers of the checkpoint's safetensors files (not their data) and
-    refuse a truncated or corrupt file, or one of the model's own weights (`is_model_weight` of its stored name)
-    stored as integers or booleans, naming the file and tensor.
+def check_safetensors_checkpoint(model_class, path: str, kwargs: dict) -> None:
+    """Before transformers' own load of a `model_class`: read the headers of the checkpoint's safetensors files (not
+    their data) and refuse a truncated or corrupt file, or a non-float tensor that would load into the model, naming
+    the file and tensor.
 
     transformers would report the first as a bare safetensors error that names no file, and load the second cast to
-    float. Tensors that are not the model's weights are transformers' business (it reports them as unexpected and
-    loads the rest), and so is a quantized checkpoint (`quantization_config` in `kwargs`; a caller checks its config),
-    whose integer tensors are its format. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is
-    left to transformers too.
+    float. A tensor that is none of the model's it reports as unexpected and leaves alone, and so does this check.
+    A quantized checkpoint (`quantization_config` in the call or the config) holds integer tensors by design, which
+    its quantizer reads. A `state_dict`, `gguf_file`, `variant` or non-safetensors checkpoint is left to
+    transformers.
     """
     if path is None or any(kwargs.get(name) is not None for name in ("state_dict", "gguf_file", "variant",
                                                                      "quantization_config")) or \
@@ -400,10 +401,30 @@ def check_safetensors_checkpoint(path: str, kwargs: dict, is_model_weight: Calla
     hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    loads = None
     for file in checkpoint_files(path, hub_kwargs, required=False):
         checkpoint = SafetensorsRows(file)
-        for name in filter(is_model_weight, checkpoint.keys()):
-            check_floating_point(checkpoint, name, dtype if isinstance(dtype, torch.dtype) else None)
+        for name in checkpoint.keys():
+            if checkpoint.dtype(name).is_floating_point:
+                continue
+            loads = loads or model_tensor_names(model_class, path, kwargs.get("config"), hub_kwargs)
+            if loads(name):
+                check_floating_point(checkpoint, name, dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def model_tensor_names(model_class, path: str, config, hub_kwargs: dict) -> Callable[[str], bool]:
+    """Whether transformers loads a checkpoint tensor of a given name into a `model_class` of the checkpoint's config
+    (or the `config` passed): one of its parameters or buffers, with the base model's prefix stripped or prepended as
+    transformers' loader does between a base model and a model with a head. None for a quantized model: its tensors
+    are its quantizer's format."""
+    if not isinstance(config, PreTrainedConfig):
+        config = model_class.config_class.from_pretrained(config if config is not None else path, **hub_kwargs)
+    if getattr(config, "quantization_config", None) is not None:
+        return lambda name: False
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config))
+    names, prefix = set(model.state_dict()), f"{model.base_model_prefix}."
+    return lambda name: name in names or name.removeprefix(prefix) in names or prefix + name in names
 
 
 def checkpoint_to_model_names(model, expected: dict[str, torch.Size]) -> Callable[[str], str | None]:

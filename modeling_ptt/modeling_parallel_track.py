@@ -21,7 +21,6 @@ attention only, and a sparse layer's experts belong to one track each (`gate_up_
 token never leaves its track and the merge stays the only communication.
 """
 
-import copy
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,8 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -60,7 +60,6 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_ptt import MODEL_MODULE, PTConfig, check_sync_schedule
 from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
 from .distributed_ptt import (
-    HUB_KWARGS,
     DispatchToRanks,
     MergeAcrossRanks,
     check_safetensors_checkpoint,
@@ -623,28 +622,11 @@ class PTPreTrainedModel(PreTrainedModel):
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
-            check_safetensors_checkpoint(
-                pretrained_model_name_or_path, kwargs, cls.is_stored_weight(pretrained_model_name_or_path, kwargs)
-            )
+            check_safetensors_checkpoint(cls, pretrained_model_name_or_path, kwargs)
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
         return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
-
-    @classmethod
-    def is_stored_weight(cls, path, kwargs: dict) -> Callable[[str], bool]:
-        """Whether a checkpoint's tensor name is one of this model's weights, stored with or without the base model's
-        prefix (the names transformers matches). A quantized model's tensors are its quantizer's format: none."""
-        config = kwargs.get("config")
-        if not isinstance(config, PTConfig):
-            hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
-            config = PTConfig.from_pretrained(config if config is not None else path, **hub_kwargs)
-        if getattr(config, "quantization_config", None) is not None:
-            return lambda name: False
-        with torch.device("meta"):
-            names = set(cls(copy.deepcopy(config)).state_dict())
-        prefix = f"{cls.base_model_prefix}."
-        return lambda name: name in names or prefix + name in names or name.removeprefix(prefix) in names
 
     def track_stacked_parameter_names(self) -> list[str]:
         """Parameters whose dim 0 is the track, i.e. every parameter of a decoder layer (dense or sparse, norms
@@ -742,7 +724,7 @@ class PTModel(PTPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
         `cache` and `past_key_values` are the same argument (transformers renamed it in 5.x; both are accepted, and
@@ -864,7 +846,7 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):

@@ -13,8 +13,11 @@ Models, all of one shape (random weights: speed does not depend on them):
 Two request mixes, the paper's two regimes scaled down: long prompt / short answer and short prompt / long answer.
 Per mix: TTFT (latency of one request with max_tokens=1), TPOT ((latency with max_tokens=N - TTFT) / (N - 1)) and
 request throughput (a batch of requests submitted together). Engines run one after another, in order and then in
-reverse order (each started twice, its repeats interleaved over the mixes), medians taken over both; ratios are
-against "pt_tensor_parallel" and "llama" of the same run. At W=1, PT (batched tracks) is compared with the Llama of equal size.
+reverse order (each started twice, its repeats interleaved over the mixes); medians (and the 10th-90th percentile
+spread) are taken over both; ratios are of medians, against "pt_tensor_parallel" and "llama" of the same run. Every
+group runs in each of `--modes`: "eager" (`enforce_eager=True`) and "compiled" (vLLM's default compilation: on CPU
+one Inductor compile of the whole model; on GPUs piecewise compilation and CUDA graphs). At W=1, PT (the rank holds
+all tracks) is compared with the Llama of equal size.
 """
 
 import argparse
@@ -54,8 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="requests per throughput measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache per worker")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                        help="the engines to run (ratios are given where both sides ran)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["pt", "pt_tensor_parallel"],
+                        help="the engines to run at W > 1 (ratios are given where both sides ran)")
+    parser.add_argument("--single-models", nargs="+", choices=["pt", "llama"], default=["pt", "llama"],
+                        help="the engines to run at W=1")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     parser.add_argument("--out", type=Path, default=Path("benchmark-results/vllm"))
     return parser.parse_args(argv)
 
@@ -101,10 +107,15 @@ def measure(llm, prompt_len: int, answer_len: int, batch: int) -> dict[str, floa
             "throughput_req_s": batch / latency(llm, prompt, answer_len, batch)}
 
 
-def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -> dict:
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=10, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+def run_group(args, paths: dict[str, Path], names: list[str], world_size: int, compiled: bool) -> tuple[dict, dict]:
     """One engine at a time (several vLLM engines at once do not fit a shared machine's memory): start it, run the
     repeats with the mixes interleaved, shut it down. The engines run in order and then in reverse order (an engine
-    that runs later was measured faster here whatever it was), and the medians per model and mix pool both runs."""
+    that runs later was measured faster here whatever it was); medians and 10th/90th percentiles per model and mix
+    pool both runs."""
     from vllm import LLM
 
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -112,7 +123,7 @@ def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -
     for name in [*names, *reversed(names)]:
         checkpoint, hf_overrides = MODELS[name]
         llm = LLM(model=str(paths[checkpoint]), tensor_parallel_size=world_size, dtype=dtype, max_model_len=1024,
-                  enforce_eager=args.device == "cpu", skip_tokenizer_init=True, seed=0,
+                  enforce_eager=not compiled, skip_tokenizer_init=True, seed=0,
                   kv_cache_memory_bytes=args.kv_cache_mib << 20, hf_overrides=hf_overrides)
         for repeat in range(args.repeats + 1):  # the first round warms the engine up and is dropped
             for mix, (prompt_len, answer_len) in MIXES.items():
@@ -120,8 +131,14 @@ def run_group(args, paths: dict[str, Path], names: list[str], world_size: int) -
                 if repeat:
                     runs[name][mix].append(result)
         llm.llm_engine.engine_core.shutdown()
-    return {name: {mix: {key: statistics.median(run[key] for run in by_repeat) for key in by_repeat[0]}
-                   for mix, by_repeat in by_mix.items()} for name, by_mix in runs.items()}
+
+    def summary(statistic) -> dict:
+        return {name: {mix: {key: statistic([run[key] for run in by_repeat]) for key in by_repeat[0]}
+                       for mix, by_repeat in by_mix.items()} for name, by_mix in runs.items()}
+
+    spread = {"p10": summary(lambda values: percentile(values, 0.1)),
+              "p90": summary(lambda values: percentile(values, 0.9))}
+    return summary(statistics.median), spread
 
 
 def ratios(medians: dict, pairs: list[tuple[str, str]]) -> dict:
@@ -135,11 +152,15 @@ def ratios(medians: dict, pairs: list[tuple[str, str]]) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# PT in vLLM ({report['device']})", "", f"Shape: `{json.dumps(report['shape'])}`", ""]
     for group, result in report["groups"].items():
-        lines += [f"## {group}", "", "| model | mix | TTFT ms | TPOT ms | throughput req/s |", "|---|---|---|---|---|"]
+        lines += [f"## {group}", "", "Medians, with the 10th-90th percentile range of the repeats.", "",
+                  "| model | mix | TTFT ms | TPOT ms | throughput req/s |", "|---|---|---|---|---|"]
+        low, high = result["spread"]["p10"], result["spread"]["p90"]
         for name, by_mix in result["medians"].items():
             for mix, m in by_mix.items():
-                lines.append(f"| {name} | {mix} | {m['ttft_s'] * 1e3:.1f} | {m['tpot_s'] * 1e3:.2f} "
-                             f"| {m['throughput_req_s']:.2f} |")
+                cells = [f"{m[key] * scale:.{digits}f} ({low[name][mix][key] * scale:.{digits}f}-"
+                         f"{high[name][mix][key] * scale:.{digits}f})"
+                         for key, scale, digits in (("ttft_s", 1e3, 1), ("tpot_s", 1e3, 2), ("throughput_req_s", 1, 2))]
+                lines.append(f"| {name} | {mix} | " + " | ".join(cells) + " |")
         lines += ["", "| ratio | mix | TTFT | TPOT | throughput |", "|---|---|---|---|---|"]
         for label, by_mix in result["ratios"].items():
             for mix, r in by_mix.items():
@@ -185,16 +206,19 @@ def main(argv=None) -> dict:
                                                         "num_attention_heads", "num_key_value_heads", "head_dim",
                                                         "vocab_size", "num_tracks", "track_block_depth")},
                   "groups": {}}
-        if W > 1:
-            if args.device == "cpu":
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(W)))
-            medians = run_group(args, paths, args.models, W)
-            report["groups"][f"W={W}"] = {"medians": medians, "ratios": ratios(medians, [
-                ("pt", "pt_tensor_parallel"), ("pt", "llama"), ("pt_vocab_parallel_head", "pt")])}
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        if not args.skip_single:
-            medians = run_group(args, paths, [name for name in ("pt", "llama") if name in args.models], 1)
-            report["groups"]["W=1"] = {"medians": medians, "ratios": ratios(medians, [("pt", "llama")])}
+        for mode in args.modes:
+            compiled = mode == "compiled"
+            if W > 1:
+                if args.device == "cpu":
+                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(W))
+                medians, spread = run_group(args, paths, args.models, W, compiled)
+                report["groups"][f"W={W}, {mode}"] = {"medians": medians, "spread": spread, "ratios": ratios(
+                    medians, [("pt", "pt_tensor_parallel"), ("pt", "llama"), ("pt_vocab_parallel_head", "pt")])}
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            if not args.skip_single:
+                medians, spread = run_group(args, paths, args.single_models, 1, compiled)
+                report["groups"][f"W=1, {mode}"] = {"medians": medians, "spread": spread,
+                                                    "ratios": ratios(medians, [("pt", "llama")])}
     (args.out / "benchmark_vllm.json").write_text(json.dumps(report, indent=2))
     (args.out / "benchmark_vllm.md").write_text(markdown(report))
     plot(report, args.out / "benchmark_vllm.png")

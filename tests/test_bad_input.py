@@ -23,7 +23,7 @@ from transformers.testing_utils import CaptureLogger
 import modeling_ptt.distributed_ptt as distributed
 import modeling_ptt.modeling_parallel_track as modeling
 from helpers import ROOT, SUPPORT, child_env, run_launcher, tiny_model
-from modeling_ptt import PTForCausalLM
+from modeling_ptt import PTForCausalLM, PTModel
 
 
 LOADS = {"plain": {}, "track_parallel": {"tp_size": 1}}  # transformers' loader, and this package's slice reader
@@ -95,6 +95,23 @@ def test_a_tensor_stored_as_integers_is_refused_naming_it_and_both_dtypes(saved,
             PTForCausalLM.from_pretrained(tmp_path / "model", dtype=dtype, **LOADS[load])
 
 
+@pytest.mark.parametrize("model_class", [PTForCausalLM, PTModel])
+def test_an_integer_tensor_that_is_none_of_the_models_is_left_to_transformers(saved, tmp_path, model_class):
+    # transformers reports a tensor the model does not have as unexpected and loads nothing from it: no cast to refuse
+    # (its common test `test_model_weights_reload_no_missing_tied_weights` saves such a checkpoint)
+    state = load_file(saved / "model.safetensors")
+    state["step"] = torch.tensor([7])
+    shutil.copytree(saved, tmp_path / "model")
+    save_file(state, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    model, info = model_class.from_pretrained(tmp_path / "model", output_loading_info=True)
+    assert "step" in info["unexpected_keys"] and not info["missing_keys"]
+    # one of the model's own, under the name transformers maps to it (a base model strips the head's `model.`), is not
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int64)
+    save_file(state, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' is stored as torch\.int64"):
+        model_class.from_pretrained(tmp_path / "model")
+
+
 @pytest.mark.parametrize("load", LOADS)
 def test_tensors_the_model_does_not_have_are_reported_and_the_rest_loads(saved, tmp_path, load, input_ids):
     """As transformers does (its common test adds an int64 tensor named `tensor`): not refused as a wrong dtype or
@@ -114,19 +131,15 @@ def test_tensors_the_model_does_not_have_are_reported_and_the_rest_loads(saved, 
         torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
 
 
-def test_integer_tensors_are_refused_only_as_the_models_own_unquantized_weights(saved, tmp_path):
-    """The dtype check names the model's weights, with or without the base model's prefix; a quantized checkpoint's
-    integer tensors (torchao's int8 data beside its scales) are its quantizer's format, not a broken weight."""
-    from modeling_ptt import PTModel
-
-    is_weight = PTForCausalLM.is_stored_weight(saved, {})
-    assert is_weight("model.norm.weight") and is_weight("lm_head.weight") and not is_weight("tensor")
-    assert PTModel.is_stored_weight(saved, {})("model.norm.weight") and PTModel.is_stored_weight(saved, {})("norm.weight")
+def test_a_quantized_checkpoints_integer_tensors_are_its_quantizers_format(saved, tmp_path):
+    """torchao's int8 data beside its scales, say: the integer check stays out of the way of a model whose config (or
+    call) names a quantization, while it still covers the same names unquantized."""
+    assert distributed.model_tensor_names(PTForCausalLM, saved, None, {})("model.norm.weight")
     shutil.copytree(saved, tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "torchao", "quant_type": "int8_weight_only"}
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
-    assert not PTForCausalLM.is_stored_weight(tmp_path / "model", {})("model.norm.weight")
+    assert not distributed.model_tensor_names(PTForCausalLM, tmp_path / "model", None, {})("model.norm.weight")
 
 
 @pytest.mark.parametrize("load", LOADS)

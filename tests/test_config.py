@@ -63,7 +63,7 @@ def test_round_trip_through_save_and_to_dict(tmp_path):
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "ptt"
-    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_ptt.PTForCausalLM"
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_parallel_track.PTForCausalLM"
     reloaded = PTConfig.from_pretrained(tmp_path)
     from_dict = PTConfig(**config.to_dict())
     for other in (reloaded, from_dict):

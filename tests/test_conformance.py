@@ -257,8 +257,8 @@ def test_set_sync_schedule_refuses_a_schedule_that_cannot_work(kwargs, field, in
 
 FULL_AUTO_MAP = {
     "AutoConfig": "configuration_ptt.PTConfig",
-    "AutoModel": "modeling_ptt.PTModel",
-    "AutoModelForCausalLM": "modeling_ptt.PTForCausalLM",
+    "AutoModel": "modeling_parallel_track.PTModel",
+    "AutoModelForCausalLM": "modeling_parallel_track.PTForCausalLM",
 }
 
 

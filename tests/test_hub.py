@@ -180,7 +180,7 @@ def test_push_uploads_a_complete_remote_code_repo(hub, published):
                      "tokenizer.json", "tokenizer_config.json", "train_log.jsonl", "benchmark.json"} | REMOTE_CODE
     config = json.loads(Path(hub.api.hf_hub_download(REPO, "config.json", revision=published["commit_v1"],
                                                      cache_dir=hub.tmp / "inspect")).read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ptt.PTForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parallel_track.PTForCausalLM"
     assert hub.api.model_info(REPO).private is True
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.server.url, token=False).model_info(REPO)
