@@ -77,7 +77,7 @@ def compile_state(worker) -> dict:
 
     model = worker.model_runner.get_model().model
     return {
-        "mode": str(worker.vllm_config.compilation_config.mode),
+        "mode": worker.vllm_config.compilation_config.mode.name,
         "models_seen": compilation_counter.num_models_seen,
         "do_not_compile": bool(getattr(model, "do_not_compile", True)),
         "compiled": bool(getattr(model, "compiled", False) or getattr(model, "aot_compiled_fn", None) is not None),
