@@ -1,0 +1,64 @@
+"""Where a vLLM decode step spends its time: torch's profiler inside the worker, PT against vLLM's Llama at W=1.
+
+    .venv-vllm/bin/python scripts/profile_vllm.py                  # compiled (vLLM's default)
+    .venv-vllm/bin/python scripts/profile_vllm.py --enforce-eager
+
+The models are `benchmark_vllm.py`'s (same shape flags). Each engine generates one warm-up request, then the profiled
+one (a 16-token prompt, 64 new tokens); the table lists the operators by self time, and the summary line the GEMM
+calls (`onednn_mm` on CPU) and the total, per generated token (the prefill included).
+"""
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import benchmark_vllm
+
+
+def start_profiler(worker) -> None:
+    import torch
+
+    worker.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    worker.profiler.__enter__()
+
+
+def stop_profiler(worker) -> tuple[str, dict]:
+    worker.profiler.__exit__(None, None, None)
+    averages = worker.profiler.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
+    return table, {event.key: (event.count, event.self_cpu_time_total) for event in averages}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args, shape_argv = parser.parse_known_args(argv)
+    shape = benchmark_vllm.parse_args(["--tensor-parallel-size", "1", *shape_argv])
+    shape.num_tracks = shape.num_tracks or 2
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc of the functions above
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = benchmark_vllm.save_models(shape, Path(tmp))
+        for name in ("pt", "llama"):
+            llm = LLM(model=str(paths[name]), dtype="float32", max_model_len=1024, enforce_eager=args.enforce_eager,
+                      skip_tokenizer_init=True, seed=0, kv_cache_memory_bytes=shape.kv_cache_mib << 20)
+            prompt = TokensPrompt(prompt_token_ids=list(range(1, 17)))
+            params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
+            llm.generate([prompt], params, use_tqdm=False)
+            llm.collective_rpc(start_profiler)
+            llm.generate([prompt], params, use_tqdm=False)
+            table, events = llm.collective_rpc(stop_profiler)[0]
+            llm.llm_engine.engine_core.shutdown()
+            gemm_calls, gemm_us = events.get("_C::onednn_mm", (0, 0.0))
+            total_us = sum(self_us for _, self_us in events.values())
+            steps = args.new_tokens
+            print(f"===== {name}: per generated token {gemm_calls / steps:.0f} GEMM calls, {gemm_us / steps / 1e3:.2f} ms "
+                  f"in GEMMs, {total_us / steps / 1e3:.2f} ms in all\n{table}", flush=True)
+
+
+if __name__ == "__main__":  # vLLM starts its workers by spawn: they re-import this module
+    main()
