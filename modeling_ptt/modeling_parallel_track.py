@@ -81,8 +81,9 @@ OLD_CACHE_KEYWORD_REMOVAL = "5.40.0"
 PAGED_CACHE_TAKES_KWARGS = "kwargs" in inspect.signature(PagedAttentionCache.update).parameters
 # transformers' own mask for each attention layer type of `config.layer_types`
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-# CPU kernel choices. CPU BLAS streams a weight at memory speed only as the left factor of column-major tokens, so a
-# projection of this many rows per track or fewer (decoding) runs as `W @ x^T` rather than `x @ W^T`.
+# CPU kernel choices. CPU BLAS streams a weight at memory speed only as the left factor of column-major tokens, so an
+# eager projection of this many rows per track or fewer (decoding) runs as `W @ x^T` rather than `x @ W^T`. A traced
+# forward never chooses by its row count (see `is_traced`): the choice would become a guard on the input's shape.
 CPU_DECODE_MAX_ROWS = 4
 # From this many rows on, every matmul form runs alike: an expert skips the transposing copies of the decoding form.
 CPU_EXPERT_PLAIN_MIN_ROWS = 16
@@ -94,6 +95,14 @@ def deprecate_old_cache_keyword(forward: Callable) -> Callable:
     if CACHE_KEYWORD != "cache":
         return forward
     return deprecate_kwarg("past_key_values", OLD_CACHE_KEYWORD_REMOVAL, new_name="cache")(forward)
+
+
+def is_traced() -> bool:
+    """Whether the forward is being recorded into a graph rather than run: torch.compile, and strict and non-strict
+    torch.export (and so the ONNX and ExecuTorch exporters built on it) set `is_compiling`; torch.jit.trace (the
+    TorchScript ONNX exporter) sets `is_tracing`. A graph keeps a branch taken on a shape: as a guard that refuses
+    (export) or recompiles for (compile) the inputs on its other side, or (jit.trace) for every input."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def cpu_decode_linear(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +132,7 @@ class PTTrackLinear(nn.Module):
 
     def forward(self, tracks: torch.Tensor) -> torch.Tensor:
         flat = tracks.reshape(tracks.shape[0], -1, self.in_features)
-        if flat.device.type == "cpu" and flat.shape[1] <= CPU_DECODE_MAX_ROWS:
+        if flat.device.type == "cpu" and not is_traced() and flat.shape[1] <= CPU_DECODE_MAX_ROWS:
             out = cpu_decode_linear(flat, self.weight, self.bias)
         elif self.bias is None:
             out = torch.bmm(flat, self.weight.transpose(1, 2))

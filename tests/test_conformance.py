@@ -1,5 +1,6 @@
 """PT behaves as transformers' own Llama and Mixtral do: outputs, tuples, recorded attentions and router logits, the
-old cache keyword, the merge schedule, the saved auto_map, and continuous batching."""
+old cache keyword, the merge schedule, dynamic shapes under torch.export and torch.compile, the saved auto_map, and
+continuous batching."""
 
 import ast
 import json
@@ -7,13 +8,14 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from transformers import (
     ContinuousBatchingConfig, DynamicCache, GenerationConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
 )
 
 from modeling_ptt import PTConfig, PTForCausalLM, PTModel
 
-from helpers import AFM_OPTIONS, llama_config_like, tiny_model
+from helpers import AFM_OPTIONS, llama_config_like, tiny_llama, tiny_model
 
 
 ATOL = 1e-5  # fp32
@@ -251,6 +253,44 @@ def test_set_sync_schedule_refuses_a_schedule_that_cannot_work(kwargs, field, in
         model.set_sync_schedule(**kwargs)
     assert (model.config.track_block_depth, model.config.sync_mode) == (2, "track_block")  # left as it was
     model(input_ids)
+
+
+# --- dynamic shapes under torch.export and torch.compile ----------------------------------------------------------
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_a_dynamic_export_runs_every_shape_from_one_token_up_as_llamas_does(strict):
+    """Exported from `[2, 16]` with dynamic batch and sequence, the program runs from one token to its maximum and
+    equals the eager model (fp32, atol 1e-5): no CPU kernel choice by row count is kept as a guard on the shape."""
+    model = tiny_model()
+    example = torch.randint(3, model.config.vocab_size, (2, 16))
+    dims = {0: torch.export.Dim("batch", min=1, max=4), 1: torch.export.Dim("sequence", min=1, max=128)}
+    exported = torch.export.export(model, (), {"input_ids": example, "use_cache": False},
+                                   dynamic_shapes={"input_ids": dims, "use_cache": None}, strict=strict).module()
+    for shape in [(1, 1), (1, 4), (2, 3), (4, 128)]:
+        input_ids = torch.randint(3, model.config.vocab_size, shape)
+        with torch.no_grad():
+            expected = model(input_ids, use_cache=False).logits
+        torch.testing.assert_close(exported(input_ids=input_ids, use_cache=False).logits, expected, atol=ATOL, rtol=0)
+
+
+def dynamic_compiles(model, shapes: list[tuple[int, int]]) -> int:
+    """How many graphs `torch.compile(dynamic=True)` builds for a run of inputs of `shapes` (outputs checked)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for shape in shapes:
+        input_ids = torch.randint(3, model.config.vocab_size, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
+    return counter.frame_count
+
+
+def test_dynamic_compile_recompiles_only_where_llamas_does():
+    """`dynamic=True` still specializes a dim of size 1, so both build a second graph for batch 1; inputs of a few
+    tokens, where eager CPU decoding switches kernels, reuse the graph of longer ones as Llama's do."""
+    shapes = [(2, 16), (2, 2), (1, 4), (1, 40)]
+    assert dynamic_compiles(tiny_model(num_hidden_layers=2), shapes) == dynamic_compiles(
+        tiny_llama(num_hidden_layers=2), shapes)
 
 
 # --- auto_map ------------------------------------------------------------------------------------------------------
