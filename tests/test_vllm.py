@@ -286,6 +286,23 @@ def test_every_rank_holds_and_reads_only_its_tracks_and_stage(engine):
                    for loaded in engine.answers["loaded"])
 
 
+def test_the_plugin_loads_inside_a_saved_models_folder(tmp_path, tokenizer):
+    """Python started in a model folder has the folder first on sys.path (`python -m vllm.entrypoints...` run from
+    there, a script saved there): the model's remote code must not shadow the package, or vLLM fails to load the
+    plugin and then refuses the model as remote code."""
+    folder = tmp_path / "my-ptt"
+    save_checkpoint(folder, tokenizer, seed=0)
+    code = ("import modeling_ptt.vllm_ptt\n"
+            "from vllm.plugins import load_general_plugins\nload_general_plugins()\n"
+            "from vllm import ModelRegistry\nassert 'PTForCausalLM' in ModelRegistry.get_supported_archs()\n"
+            "from vllm.transformers_utils.config import get_config\n"
+            "assert type(get_config('.', trust_remote_code=False)).__module__ == 'modeling_ptt.configuration_ptt'\n"
+            "print('plugin OK')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, env=vllm_env(1), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "plugin OK" in result.stdout, result.stderr[-3000:]
+
+
 def test_pipeline_stages_are_cut_where_the_tracks_merge():
     """Each stage holds whole track blocks, cut at the merge nearest its even share of the layers, and a stage
     count the blocks cannot give is refused naming the numbers."""
