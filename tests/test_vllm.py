@@ -132,13 +132,14 @@ class Engine:
 ENGINES = {
     # name: (tensor_parallel_size, pipeline_parallel_size, vLLM's hf_overrides, config overrides). D=2 and D=3 do
     # not divide L=5, so the last block is shorter; the tensor-parallel engine also splits the LM head's vocabulary,
-    # as Megatron's layout does; the pipeline engines cut L=5, D=2 after layer 2 (the merge nearest half-way)
+    # as Megatron's layout does; the pipeline engines cut L=5, D=2 after layer 2 (the merge nearest half-way), and one
+    # of them ties its head to the embedding (which the last stage then holds too) and has per-track biases
     "w2_d2": (2, 1, {}, dict(track_block_depth=2)),
     "w2_tensor_parallel": (2, 1, {"lm_head_placement": "vocab_parallel"},
                            dict(track_block_depth=1, sync_mode="tensor_parallel")),
     "w2_moe_afm_d3": (2, 1, {}, dict(track_block_depth=3, **AFM_OPTIONS)),
     "w1_moe_afm_d2": (1, 1, {}, dict(track_block_depth=2, **AFM_OPTIONS)),
-    "pp2_d2": (1, 2, {}, dict(track_block_depth=2)),
+    "pp2_d2": (1, 2, {}, dict(track_block_depth=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "w2_pp2_d2": (2, 2, {}, dict(track_block_depth=2)),
 }
 # (engine, compiled) runs. A compiled engine takes ~1.5 min to start here, an eager one ~1: make test runs every engine
@@ -270,9 +271,10 @@ def test_every_rank_holds_and_reads_only_its_tracks_and_stage(engine):
         assert loaded["layers"] == [stages[stage].start, stages[stage].stop]
         layers = {name for name in full if name.startswith("model.layers.")
                   and int(name.split(".")[2]) in stages[stage]}
-        shared = {"model.embed_tokens.weight"} if stage == 0 else set()
+        tied = engine.config.tie_word_embeddings
+        shared = {"model.embed_tokens.weight"} if stage == 0 or (tied and stage == P - 1) else set()
         if stage == P - 1:
-            shared |= {"model.norm.weight", "lm_head.weight"}
+            shared |= {"model.norm.weight"} | (set() if tied else {"lm_head.weight"})
         assert set(loaded["shapes"]) == layers | shared
         for name, shape in loaded["shapes"].items():
             assert shape == ([n // W, *full[name][1:]] if name in layers else full[name]), name
