@@ -356,12 +356,15 @@ def pt_load_balancing_loss(
     return torch.stack(per_router).mean()
 
 
-class PTAttentionProjections(nn.Module):
-    """What every PT attention owns, whichever kernel runs it (transformers' attention functions in `PTAttention`,
-    vLLM's paged attention in `vllm_ptt`): every track's query, key, value and output projections, and QK-norm's
-    per-track weights."""
+class PTAttention(nn.Module):
+    """Causal GQA self-attention of all local tracks in ONE call of the configured attention function.
 
-    def __init__(self, config: PTConfig):
+    Track `t` owns query heads `[t*H/n, (t+1)*H/n)` and KV heads `[t*K/n, (t+1)*K/n)`. Folding the track dim into the
+    head dim therefore yields the usual `[B, heads, S, head_dim]` layout in which the standard GQA mapping (query head
+    `h` reads KV head `h // (H/K)`) never crosses a track, and the KV cache holds the local tracks' KV heads.
+    """
+
+    def __init__(self, config: PTConfig, layer_idx: int):
         super().__init__()
         n, d, bias = config.num_tracks, config.hidden_size, config.attention_bias
         self.head_dim = config.head_dim
@@ -374,18 +377,6 @@ class PTAttentionProjections(nn.Module):
         # QK-norm (Qwen3, AFM): RMSNorm of every query and key head over the head dim, weights per track
         self.q_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = PTRMSNorm(n, self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-
-
-class PTAttention(PTAttentionProjections):
-    """Causal GQA self-attention of all local tracks in ONE call of the configured attention function.
-
-    Track `t` owns query heads `[t*H/n, (t+1)*H/n)` and KV heads `[t*K/n, (t+1)*K/n)`. Folding the track dim into the
-    head dim therefore yields the usual `[B, heads, S, head_dim]` layout in which the standard GQA mapping (query head
-    `h` reads KV head `h // (H/K)`) never crosses a track, and the KV cache holds the local tracks' KV heads.
-    """
-
-    def __init__(self, config: PTConfig, layer_idx: int):
-        super().__init__(config)
         self.config = config
         self.layer_idx = layer_idx
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads

@@ -64,7 +64,7 @@ from vllm.model_executor.models.utils import PPMissingLayer, make_empty_intermed
 from vllm.sequence import IntermediateTensors
 
 from .configuration_ptt import PTConfig
-from .distributed_ptt import iter_track_slices
+from .distributed_ptt import iter_track_slices, track_range
 from .modeling_parallel_track import PTForCausalLM
 
 
@@ -310,9 +310,7 @@ class PTVllmModel(nn.Module):
         world_size = get_tensor_model_parallel_world_size()
         check_track_placement(config, world_size)
         self.config = config
-        num_local_tracks = config.num_tracks // world_size
-        first = get_tensor_model_parallel_rank() * num_local_tracks
-        self.local_tracks = range(first, first + num_local_tracks)
+        self.local_tracks = track_range(get_tensor_model_parallel_rank(), world_size, config.num_tracks)
         pp_group = get_pp_group()
         self.stage_layers = pipeline_stages(config, pp_group.world_size)[pp_group.rank_in_group]
         self.is_first_stage, self.is_last_stage = pp_group.is_first_rank, pp_group.is_last_rank
@@ -325,7 +323,7 @@ class PTVllmModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last_stage else PPMissingLayer()
-        self.track_sync = PTVllmTrackSync(config.num_tracks, num_local_tracks)
+        self.track_sync = PTVllmTrackSync(config.num_tracks, len(self.local_tracks))
         self.track_blocks = [block for block in config.track_blocks() if block.start in self.stage_layers]
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], config.hidden_size

@@ -61,8 +61,8 @@ def main(argv=None) -> None:
             table, events = llm.collective_rpc(stop_profiler)[0]
             llm.llm_engine.engine_core.shutdown()
             gemm_calls, gemm_us = events.get("_C::onednn_mm", (0, 0.0))
-            reduce_calls, reduce_us = map(sum, zip((0, 0.0), *(value for key, value in events.items()
-                                                               if "allreduce" in key.replace("_", "").lower())))
+            reduces = [value for key, value in events.items() if "allreduce" in key.replace("_", "").lower()]
+            reduce_calls, reduce_us = sum(calls for calls, _ in reduces), sum(self_us for _, self_us in reduces)
             total_us = sum(self_us for _, self_us in events.values())
             steps = args.new_tokens
             print(f"===== {name}: per generated token {gemm_calls / steps:.0f} GEMM calls, {gemm_us / steps / 1e3:.2f} ms "
