@@ -30,8 +30,9 @@ from hub_server import HubServer
 from modeling_ptt import PTConfig, PTForCausalLM
 
 
-# every module of the package but the vLLM model is remote code: save_pretrained copies it beside the weights
-REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py")} - {"__init__.py", "vllm_ptt.py"}
+# every module of the package but the engine integrations is remote code: save_pretrained copies it beside the weights
+INTEGRATIONS = {"vllm_ptt.py", "peft_ptt.py"}
+REMOTE_CODE = {path.name for path in (ROOT / "modeling_ptt").glob("*.py")} - {"__init__.py"} - INTEGRATIONS
 
 
 TOKEN, USER = "hf_test_token", "tester"
@@ -217,7 +218,7 @@ def test_pull_is_bit_identical_in_a_process_without_the_package(hub, published, 
 def test_push_to_hub_method_gives_a_loadable_repo(hub, published, pulled):
     files = set(hub.api.list_repo_files(METHOD_REPO))
     assert {"config.json", "model.safetensors"} | REMOTE_CODE <= files
-    assert "vllm_ptt.py" not in files  # engine integration, not model code: a pulled model never needs vLLM
+    assert not INTEGRATIONS & files  # engine integrations, not model code: a pulled model never needs vLLM or PEFT
     assert_same_model(str(hub.tmp / "method.safetensors"), published["method"])
 
 

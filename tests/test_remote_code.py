@@ -16,10 +16,12 @@ def test_save_writes_remote_code_and_auto_map(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     files = {path.name for path in tmp_path.iterdir()}
     package = Path(__file__).resolve().parent.parent / "modeling_ptt"
-    # the vLLM model is imported by vLLM's plugin only, never by the remote code, so it is not copied
-    remote_code = {path.name for path in package.glob("*.py")} - {"__init__.py", "vllm_ptt.py"}
+    # the vLLM model and the PEFT integration are imported by their engines' users only, never by the remote code,
+    # so they are not copied
+    integrations = {"vllm_ptt.py", "peft_ptt.py"}
+    remote_code = {path.name for path in package.glob("*.py")} - {"__init__.py"} - integrations
     assert {"config.json", "model.safetensors"} | remote_code <= files
-    assert "vllm_ptt.py" not in files
+    assert not integrations & files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_ptt.PTConfig",
