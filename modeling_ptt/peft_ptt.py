@@ -18,12 +18,16 @@ both, so that the LoRA configs written for Llama and Mixtral work unchanged:
 - Other PEFT methods (IA3, LoHa, LoKr, OFT, ...) aimed at a track layer raise an error that names LoRA.
 
 Adapters are saved in PEFT's own format, so they reload through `PeftModel.from_pretrained` and
-`AutoPeftModelForCausalLM` (with this module imported). This module imports PEFT; nothing the remote-code modules
+`AutoPeftModelForCausalLM` (with this module imported). vLLM's PT model holds every track's projections as layers of
+their own; `adapter_for_vllm` (also `scripts/convert_adapter_for_vllm.py`) writes an adapter in that layout. This module imports PEFT; nothing the remote-code modules
 import imports it, so `save_pretrained` never copies it and loading a model never needs PEFT.
 """
 
+import json
 import math
+import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from peft.tuners import tuners_utils
@@ -34,11 +38,14 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .modeling_parallel_track import PTTrackLinear
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 # A model loaded through remote code has its own copies of these classes, so they are recognised by name.
 TRACK_LINEAR = "PTTrackLinear"
 EXPERTS = "PTExperts"
@@ -178,6 +185,38 @@ def dispatch_pt(target: nn.Module, adapter_name: str, config, parameter_name: st
 
 def track_linear_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if is_track_linear(module) and "lora_" not in name}
+
+
+def adapter_for_vllm(adapter_dir: str | Path, output_dir: str | Path) -> Path:
+    """Write the LoRA adapter of a PT model saved by PEFT (`adapter_dir`) in the layout of vLLM's PT model, whose
+    layers hold each track's projections as layers of their own: every `[tracks, ...]` factor of
+    `layers.{l}.self_attn.q_proj` becomes one factor per track, of `layers.{l}.tracks.{t}.self_attn.q_proj`.
+    The config is copied, with `target_modules` as projection names. Returns `output_dir`."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != PeftType.LORA.value:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; vLLM serves LoRA")
+    if config.get("target_parameters"):
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: adapters of PT-MoE's experts (target_parameters="
+                         f"{config['target_parameters']}) are not served by vLLM's PT model; its projections' are")
+    per_track = {}
+    for name, factor in load_file(adapter_dir / ADAPTER_WEIGHTS).items():
+        match = re.fullmatch(r"(.*\.layers\.\d+)\.(self_attn|mlp)\.(\w+_proj)\.(lora_[AB]\.(?:weight|bias))", name)
+        if match is None:
+            raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: {name} is not a LoRA factor of a PT projection "
+                             f"(layers.N.self_attn.*_proj or layers.N.mlp.*_proj), which is all vLLM's PT model adapts")
+        layer, block, projection, factor_name = match.groups()
+        for track, track_factor in enumerate(factor.unbind(0)):
+            per_track[f"{layer}.tracks.{track}.{block}.{projection}.{factor_name}"] = track_factor.contiguous()
+    config["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in as_list(config["target_modules"])})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(per_track, output_dir / ADAPTER_WEIGHTS)
+    (output_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return output_dir
+
+
+def as_list(target_modules: str | list[str]) -> list[str]:
+    return [target_modules] if isinstance(target_modules, str) else target_modules
 
 
 def register() -> None:

@@ -59,7 +59,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader, download_weights_from_hf
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
-from vllm.model_executor.models.interfaces import SupportsPP, SupportsQuant
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant
 from vllm.model_executor.models.utils import PPMissingLayer, make_empty_intermediate_tensors_factory
 from vllm.sequence import IntermediateTensors
 
@@ -367,13 +367,17 @@ EXPERTS = {"mlp.experts.gate_up_proj": "mlp.experts.routed_experts.w13_weight",
            "mlp.experts.down_proj": "mlp.experts.routed_experts.w2_weight"}
 
 
-class PTVllmForCausalLM(nn.Module, SupportsPP, SupportsQuant):
-    """vLLM's entry point for a PT checkpoint (`architectures: ["PTForCausalLM"]`)."""
+class PTVllmForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
+    """vLLM's entry point for a PT checkpoint (`architectures: ["PTForCausalLM"]`).
+
+    LoRA adapts every track's projections (`layers.{l}.tracks.{t}.self_attn.q_proj`, ...); an adapter trained with
+    PEFT on the transformers model is written in that layout by `modeling_ptt.peft_ptt.adapter_for_vllm`."""
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+    embedding_modules: dict[str, str] = {}  # the embedding and the LM head take no adapter
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -444,19 +448,23 @@ class PTVllmForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         tensors, each checked against the full shape the config gives (`iter_track_slices`, what transformers'
         track-parallel load reads with), and hand every track's part to its vLLM layer's `weight_loader` (which
         shards fused projections and wraps online quantization). vLLM's `weights` iterator is left unread, since it
-        would read every tensor whole on every rank."""
+        would read every tensor whole on every rank, except for a checkpoint saved quantized by torchao, whose
+        tensors only vLLM's torchao reader puts back together."""
         params = dict(self.named_parameters(remove_duplicate=False))
         expected = self.checkpoint_shapes()
         track_stacked = {name for name in expected if name.startswith("model.layers.")}
         loaded, self.read_shapes, bytes_read = set(), {}, 0
-        slices = iter_track_slices(self.checkpoint_files(), lambda name: name if name in expected else None,
-                                   expected, track_stacked, self.local_tracks, torch.device("cpu"), dtype=None)
+        if getattr(self.quant_config, "is_checkpoint_torchao_serialized", False):
+            slices = self.torchao_track_slices(weights, expected, track_stacked)
+        else:
+            slices = iter_track_slices(self.checkpoint_files(), lambda name: name if name in expected else None,
+                                       expected, track_stacked, self.local_tracks, torch.device("cpu"), dtype=None)
         for name, tensor in slices:
             self.read_shapes[name] = list(tensor.shape)
             bytes_read += tensor.numel() * tensor.element_size()
             if name in track_stacked:
-                for track, track_tensor in zip(self.local_tracks, tensor):
-                    loaded.add(self.load_track_tensor(params, name, track, track_tensor))
+                for index, track in enumerate(self.local_tracks):  # indexed: a torchao tensor cannot be unbound
+                    loaded.add(self.load_track_tensor(params, name, track, tensor[index]))
             else:  # the embedding and head loaders pad the vocabulary (and keep a vocab-parallel rank's rows)
                 getattr(params[name], "weight_loader", default_weight_loader)(params[name], tensor)
                 loaded.add(name)
@@ -466,6 +474,19 @@ class PTVllmForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         logger.info("PT tracks %s of %d, layers %s: read %.1f MiB of weights", self.local_tracks,
                     self.config.num_tracks, self.model.stage_layers, bytes_read / 2**20)
         return loaded
+
+    def torchao_track_slices(
+        self, weights: Iterable[tuple[str, torch.Tensor]], expected: dict[str, torch.Size], track_stacked: set[str]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """This rank's part of a torchao checkpoint, as `iter_track_slices` gives a plain one: vLLM's reader has
+        rebuilt each quantized tensor whole (all tracks), of which the rank keeps its own tracks."""
+        for name, tensor in weights:
+            if name not in expected:
+                continue
+            if tensor.shape != expected[name]:
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
+                                 f"{tuple(expected[name])}")
+            yield name, tensor[self.local_tracks.start:self.local_tracks.stop] if name in track_stacked else tensor
 
     @staticmethod
     def load_track_tensor(params: dict[str, nn.Parameter], name: str, track: int, tensor: torch.Tensor) -> str:

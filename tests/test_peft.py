@@ -1,10 +1,15 @@
 """PEFT on PT with the configs written for Llama and Mixtral (`import modeling_ptt.peft_ptt`): one LoRA adapter per
 track, PT-MoE's experts through `target_parameters`, merging, saving and reloading, and clear refusals."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers import require, tiny_llama, tiny_model
+from helpers import ROOT, child_env, require, tiny_llama, tiny_model
 
 peft = require("peft", extra="finetune")
 import modeling_ptt.peft_ptt  # noqa: E402,F401  (the one line users add)
@@ -13,6 +18,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: E402
 
 from modeling_ptt import PTForCausalLM  # noqa: E402
+from modeling_ptt.peft_ptt import adapter_for_vllm  # noqa: E402
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPARSE = dict(mlp_layer_types=["sparse"] * 5, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
@@ -184,3 +190,32 @@ def test_lora_without_targets_takes_llamas_default():
     model = get_peft_model(tiny_model(), LoraConfig())
     assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
     assert adapted_modules(model) == adapted_modules(get_peft_model(tiny_llama(), LoraConfig()))
+
+
+def test_the_vllm_adapter_holds_each_tracks_factors_as_its_own(tmp_path):
+    model = get_peft_model(tiny_model(), LoraConfig(target_modules="all-linear", r=2, lora_bias=True,
+                                                     init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_adapter_for_vllm.py"), str(tmp_path / "adapter"),
+                    str(tmp_path / "vllm")], check=True, capture_output=True, env=child_env())
+    converted = load_file(tmp_path / "vllm" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(converted) == len(saved) * model.config.num_tracks
+    for name, factor in saved.items():
+        layer, _, rest = name.partition(".layers.")
+        index, _, within = rest.partition(".")
+        for track in range(model.config.num_tracks):
+            assert torch.equal(converted[f"{layer}.layers.{index}.tracks.{track}.{within}"], factor[track]), name
+    config = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(LLAMA_PROJECTIONS)
+
+
+def test_the_vllm_adapter_refuses_what_vllms_pt_model_cannot_serve(tmp_path):
+    get_peft_model(tiny_model(**SPARSE), LoraConfig(target_modules=["q_proj"], target_parameters=EXPERTS)
+                   ).save_pretrained(tmp_path / "experts")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: adapters of PT-MoE's experts"):
+        adapter_for_vllm(tmp_path / "experts", tmp_path / "out")
+    get_peft_model(tiny_model(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
+                   ).save_pretrained(tmp_path / "head")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: .*lm_head.* is not a LoRA factor"):
+        adapter_for_vllm(tmp_path / "head", tmp_path / "out")

@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only (make t
 
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from helpers import AFM_OPTIONS, SUPPORT, child_env, free_port, llama_config_like, randomize_  # noqa: E402
+from helpers import AFM_OPTIONS, SUPPORT, child_env, free_port, llama_config_like, randomize_, require  # noqa: E402
 from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
 from modeling_ptt.vllm_ptt import pipeline_stages  # noqa: E402
 from train import train_tokenizer  # noqa: E402
@@ -87,7 +87,7 @@ def run_engine(model_dir: Path, tmp: Path, prompts: list[list[int]], **job) -> d
         output = ""
     finally:
         kill_group(child)
-    assert child.returncode == 0, f"vLLM engine job failed or hung:\n{output[-6000:]}"
+    assert child.returncode == 0, f"vLLM engine job failed or hung:\n{output[-30000:]}"
     return json.loads(next(line for line in output.splitlines() if line.startswith("ANSWERS "))[len("ANSWERS "):])
 
 
@@ -432,10 +432,13 @@ def test_openai_server_answers_like_the_offline_engine(engines, tokenizer, tmp_p
     assert leftovers == [], f"processes left behind by the vLLM server 60 s after SIGINT: {leftovers}"
 
 
-# --- online quantization: vLLM's fp8_per_channel (weights fp8 per output channel, activations per token) reaches
-# every PT projection as it reaches vLLM's Llama. bf16 (online methods refuse fp32); both compared with the same
-# weights unquantized in transformers (fp32), so the figures hold bf16's rounding and fp8's together, side by side.
-QUANTIZED = {"pt_w1": ("pt", 1), "pt_w2": ("pt", 2), "llama_w1": ("llama", 1)}
+# --- quantization, beside vLLM's Llama of the same shape: each compared with the same weights unquantized in
+# transformers (fp32), so the figures hold each format's rounding, side by side.
+# vLLM's fp8_per_channel (online: weights fp8 per output channel, activations per token) reaches every PT projection as
+# it reaches vLLM's Llama; bf16, since online methods refuse fp32.
+FP8 = {"pt_w1": ("pt", 1), "pt_w2": ("pt", 2), "llama_w1": ("llama", 1)}
+# torchao int8 weight-only, as transformers saves it (`TorchAoConfig(Int8WeightOnlyConfig())`), served pre-quantized
+TORCHAO = {"pt_w2": ("pt", 2), "llama_w1": ("llama", 1)}
 
 
 def agreement(answers: list[list[int]], expected: list[list[int]]) -> float:
@@ -446,50 +449,116 @@ def agreement(answers: list[list[int]], expected: list[list[int]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, tokenizer) -> dict:
-    """Each QUANTIZED engine's answers with `quantization="fp8_per_channel"`, and figures against transformers."""
-    pt_dir, llama_dir = tmp_path_factory.mktemp("fp8_pt") / "model", tmp_path_factory.mktemp("fp8_llama") / "model"
-    models = {"pt": save_checkpoint(pt_dir, tokenizer, seed=3, track_block_depth=2)}
+def unquantized(tmp_path_factory, tokenizer) -> dict:
+    """A PT model and a Llama of its shape, random, saved with the tokenizer: {kind: (folder, model)}."""
+    pt_dir, llama_dir = tmp_path_factory.mktemp("pt") / "model", tmp_path_factory.mktemp("llama") / "model"
+    pt = save_checkpoint(pt_dir, tokenizer, seed=3, track_block_depth=2)
     torch.manual_seed(3)
-    llama_config = llama_config_like(models["pt"].config)
-    models["llama"] = randomize_(LlamaForCausalLM(llama_config), std=0.1).eval()
-    models["llama"].save_pretrained(llama_dir)
+    llama = randomize_(LlamaForCausalLM(llama_config_like(pt.config)), std=0.1).eval()
+    llama.save_pretrained(llama_dir)
     tokenizer.save_pretrained(llama_dir)
+    return {"pt": (pt_dir, pt), "llama": (llama_dir, llama)}
+
+
+def serve_quantized(engines: dict, checkpoints: dict, tmp_path_factory, tokenizer, method: str, **job) -> dict:
+    """Each engine's figures against transformers' unquantized model (`checkpoints`: {kind: (folder served, unquantized
+    model)}): share of linear layers given `method`, greedy agreement, prompt-logprob differences."""
     prompts = [tokenizer(text)["input_ids"] for text in PROMPT_TEXTS]
     results = {}
-    for name, (kind, world_size) in QUANTIZED.items():
-        answers = run_engine(pt_dir if kind == "pt" else llama_dir, tmp_path_factory.mktemp(name), prompts,
-                             tensor_parallel_size=world_size, dtype="bfloat16", quantization="fp8_per_channel",
-                             pt_model=kind == "pt")
-        model = models[kind]
+    for name, (kind, world_size) in engines.items():
+        model_dir, model = checkpoints[kind]
+        answers = run_engine(model_dir, tmp_path_factory.mktemp(name), prompts, tensor_parallel_size=world_size,
+                             pt_model=kind == "pt", **job)
         logprob_error = [abs(got - want) for ids, got_row in zip(prompts, answers["prompt_logprobs"])
                          for got, want in zip(got_row[1:], prompt_logprobs_oracle(model, ids))]
-        methods = [method for rank in answers["quantized_layers"] for method in rank.values()]
+        methods = [layer_method for rank in answers["quantized_layers"] for layer_method in rank.values()]
         results[name] = {
-            "quantized_share": sum(method == "Fp8PtpcOnlineLinearMethod" for method in methods) / len(methods),
+            "quantized_share": sum(layer_method == method for layer_method in methods) / len(methods),
             "linear_layers": len(methods),
             "greedy_agreement": agreement(answers["solo"], greedy_oracle(model, prompts)),
             "logprob_mean_abs_diff": sum(logprob_error) / len(logprob_error),
             "logprob_max_abs_diff": max(logprob_error),
         }
-    print("\nfp8_per_channel (bf16) against the unquantized weights in transformers (fp32):")
-    for name, figures in results.items():
-        print(f"  {name}: " + ", ".join(f"{key} {value:.4g}" for key, value in figures.items()))
+        print(f"\n{method} {name}: " + ", ".join(f"{key} {value:.4g}" for key, value in results[name].items()))
     return results
 
 
-def test_fp8_per_channel_quantizes_every_pt_projection_as_it_does_llamas(quantized):
-    for name, figures in quantized.items():
+@pytest.fixture(scope="module")
+def fp8(unquantized, tmp_path_factory, tokenizer) -> dict:
+    return serve_quantized(FP8, unquantized, tmp_path_factory, tokenizer, "Fp8PtpcOnlineLinearMethod",
+                           dtype="bfloat16", quantization="fp8_per_channel")
+
+
+@pytest.fixture(scope="module")
+def torchao_int8(unquantized, tmp_path_factory, tokenizer) -> dict:
+    """Both models quantized by transformers and saved (`save_pretrained`), then served by vLLM's torchao method."""
+    quantization = require("torchao.quantization", extra="finetune")
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    checkpoints = {}
+    for kind, (model_dir, model) in unquantized.items():
+        quantized = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=TorchAoConfig(quantization.Int8WeightOnlyConfig()))
+        checkpoints[kind] = (tmp_path_factory.mktemp(f"torchao_{kind}") / "model", model)
+        quantized.save_pretrained(checkpoints[kind][0])
+        tokenizer.save_pretrained(checkpoints[kind][0])
+    return serve_quantized(TORCHAO, checkpoints, tmp_path_factory, tokenizer, "TorchAOLinearMethod",
+                           quantization="torchao")
+
+
+@pytest.mark.parametrize("formats", ["fp8", "torchao_int8"])
+def test_quantization_reaches_every_pt_projection_as_it_does_llamas(formats, request):
+    figures_by_engine = request.getfixturevalue(formats)
+    for name, figures in figures_by_engine.items():
         assert figures["quantized_share"] == 1.0, (name, figures)
-    assert quantized["pt_w2"]["linear_layers"] == quantized["pt_w1"]["linear_layers"]  # each rank its tracks' layers
+    if "pt_w1" in figures_by_engine:  # each rank holds its tracks' layers
+        assert figures_by_engine["pt_w2"]["linear_layers"] == figures_by_engine["pt_w1"]["linear_layers"]
 
 
-def test_fp8_per_channel_keeps_pt_as_close_to_unquantized_as_llama(quantized):
+@pytest.mark.parametrize("formats", ["fp8", "torchao_int8"])
+def test_quantization_keeps_pt_as_close_to_unquantized_as_llama(formats, request):
     """Prompt logprobs within twice Llama's difference. Greedy agreement is printed, not asserted: these random
-    models' next-token distributions are nearly flat, so bf16 alone flips near-tied tokens (measured: 0.27-0.90 for
-    PT, 0.56 for Llama, with logprob differences of 1e-3)."""
-    llama = quantized["llama_w1"]
-    for name in ("pt_w1", "pt_w2"):
-        figures = quantized[name]
+    models' next-token distributions are nearly flat, so rounding alone flips near-tied tokens (measured with fp8 in
+    bf16: 0.27-0.90 for PT, 0.56 for Llama, with logprob differences of 1e-3)."""
+    figures_by_engine = request.getfixturevalue(formats)
+    llama = figures_by_engine["llama_w1"]
+    for name, figures in figures_by_engine.items():
         assert figures["logprob_mean_abs_diff"] <= 2 * llama["logprob_mean_abs_diff"], (name, figures)
         assert figures["logprob_max_abs_diff"] <= 2 * llama["logprob_max_abs_diff"], (name, figures)
+
+
+# --- LoRA: an adapter trained with PEFT on the transformers model, converted to the vLLM model's per-track layout
+# (`modeling_ptt.peft_ptt.adapter_for_vllm`), served with `enable_lora=True` and a LoRARequest (vLLM's CPU platform
+# runs LoRA uncompiled). fp32, so the tokens are transformers + PEFT's exactly.
+LORA_WORLD_SIZES = [1, 2] if os.environ.get("PTT_VLLM_ALL_RUNS") == "1" else [2]
+
+
+@pytest.fixture(scope="module", params=LORA_WORLD_SIZES, ids=lambda world_size: f"w{world_size}")
+def lora(request, tmp_path_factory, tokenizer) -> dict:
+    require("peft", extra="finetune")
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_ptt.peft_ptt import adapter_for_vllm
+
+    tmp = tmp_path_factory.mktemp(f"lora_w{request.param}")
+    model = save_checkpoint(tmp / "model", tokenizer, seed=5, track_block_depth=2)
+    torch.manual_seed(0)
+    # a random (non-zero) adapter on every projection, so that it changes what the model says
+    adapted = get_peft_model(model, LoraConfig(target_modules="all-linear", r=8, lora_alpha=16,
+                                               init_lora_weights=False)).eval()
+    adapted.save_pretrained(tmp / "adapter")
+    prompts = [tokenizer(text)["input_ids"] for text in PROMPT_TEXTS]
+    answers = run_engine(tmp / "model", tmp, prompts, tensor_parallel_size=request.param, max_lora_rank=8,
+                         lora=str(adapter_for_vllm(tmp / "adapter", tmp / "adapter_vllm")))
+    with adapted.disable_adapter():
+        base_tokens = greedy_oracle(adapted, prompts)
+    return {"answers": answers, "adapted": adapted, "prompts": prompts, "base_tokens": base_tokens}
+
+
+def test_a_peft_adapter_served_by_vllm_gives_transformers_and_pefts_tokens(lora):
+    expected = greedy_oracle(lora["adapted"], lora["prompts"])
+    assert expected != lora["base_tokens"]  # the adapter changes the answers
+    assert lora["answers"]["solo"] == expected
+    assert lora["answers"]["batch"] == expected
+    for ids, got in zip(lora["prompts"], lora["answers"]["prompt_logprobs"]):
+        assert got[1:] == pytest.approx(prompt_logprobs_oracle(lora["adapted"], ids), abs=LOGPROB_ATOL)

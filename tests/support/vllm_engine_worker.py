@@ -2,13 +2,14 @@
 
 Run as `python vllm_engine_worker.py JOB.json` (a child process, so the test can kill the engine's whole process
 group on a hang). The job gives the model directory, tensor_parallel_size, vLLM's hf_overrides and the prompts
-(token ids). The answers:
+(token ids), and optionally a LoRA adapter folder that every request then names. The answers:
 greedy tokens of every prompt alone and of all prompts in one batch, prompt logprobs, two seeded samples, the
 collectives each rank ran per model forward (eager engines), what each rank loaded, whether vLLM compiled the model
 and which quantization method every linear layer got.
 """
 
 import collections
+import functools
 import json
 import resource
 import sys
@@ -98,12 +99,16 @@ def quantized_layers(worker) -> dict:
 def main(job_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
 
     job = json.loads(open(job_path).read())
+    lora = LoRARequest("adapter", 1, job["lora"]) if job.get("lora") else None
     llm = LLM(model=job["model"], tensor_parallel_size=job["tensor_parallel_size"],
               pipeline_parallel_size=job.get("pipeline_parallel_size", 1), dtype=job.get("dtype", "float32"),
               enforce_eager=job.get("enforce_eager", True), quantization=job.get("quantization"),
-              max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"])
+              max_model_len=job["max_model_len"], seed=0, hf_overrides=job["hf_overrides"],
+              enable_lora=lora is not None, max_lora_rank=job.get("max_lora_rank", 16))
+    generate = functools.partial(llm.generate, use_tqdm=False, lora_request=lora)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
     pt_model = job.get("pt_model", True)
@@ -115,18 +120,18 @@ def main(job_path: str) -> None:
     count = job.get("enforce_eager", True)
     if count:
         llm.collective_rpc(count_collectives)
-    answers["solo"] = [llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids for prompt in prompts]
+    answers["solo"] = [generate([prompt], greedy)[0].outputs[0].token_ids for prompt in prompts]
     answers["collectives"] = llm.collective_rpc(read_collectives) if count else None
-    answers["batch"] = [out.outputs[0].token_ids for out in llm.generate(prompts, greedy, use_tqdm=False)]
+    answers["batch"] = [out.outputs[0].token_ids for out in generate(prompts, greedy)]
 
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     answers["prompt_logprobs"] = [
         [None] + [next(iter(position.values())).logprob for position in out.prompt_logprobs[1:]]
-        for out in llm.generate(prompts, scoring, use_tqdm=False)
+        for out in generate(prompts, scoring)
     ]
     sampling = [SamplingParams(temperature=1.0, max_tokens=job["max_tokens"], seed=seed, ignore_eos=True)
                 for seed in (1, 1, 2)]
-    answers["sampled"] = [llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    answers["sampled"] = [generate(prompts[:1], params)[0].outputs[0].token_ids
                           for params in sampling]
     print("ANSWERS " + json.dumps(answers), flush=True)
 
