@@ -44,6 +44,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
+    LlamaForCausalLM,
     LlamaModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -58,7 +59,12 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ptt import MODEL_MODULE, PTConfig, check_sync_schedule
-from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
+from .conversion_ptt import (
+    llama_config_from_pt,
+    llama_state_dict_to_tracks,
+    pt_config_from_llama,
+    tracks_state_dict_to_llama,
+)
 from .distributed_ptt import (
     HUB_KWARGS,
     DispatchToRanks,
@@ -837,6 +843,18 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
         model.load_state_dict(llama_state_dict_to_tracks(llama_model.state_dict(), num_tracks), strict=True)
         return model.train(llama_model.training)
+
+    def to_llama(self) -> LlamaForCausalLM:
+        """The `LlamaForCausalLM` this model is, when it is a dense model: one track, or `from_llama`'s tensor-parallel
+        layout (see `conversion_ptt`). Raises, naming the field or tensor, when it is not."""
+        if not self.holds_all_tracks:
+            raise ValueError("This process holds only its own tracks (track-parallel load): convert in one process")
+        config = llama_config_from_pt(self.config)
+        config._attn_implementation = self.config._attn_implementation
+        state_dict = tracks_state_dict_to_llama(self.state_dict(), self.config.num_tracks)
+        llama = LlamaForCausalLM(config).to(dtype=self.dtype, device=self.device)
+        llama.load_state_dict(state_dict, strict=True)
+        return llama.train(self.training)
 
     def generate(self, *args, **kwargs):
         r"""
