@@ -1,8 +1,8 @@
 """Track parallelism: the tracks of a PT model spread over the ranks of a `torchrun` / `accelerate launch` job.
 
 With `W` processes, rank `r` owns the tracks `placement.track_range(r, W, n)` (`W` divides `num_tracks = n`; see
-`placement`): it holds that slice of every track-stacked tensor and a full copy of the shared ones. The forward is the single-device forward; only `PTTrackSync.merge` differs, with
-one all_reduce per merge. This module holds what surrounds it: working out `W` from transformers' own keywords,
+`placement`): it holds that slice of every track-stacked tensor and a full copy of the shared ones. The forward is
+the single-device forward; only `PTTrackSync.merge` differs, with one all_reduce per merge. This module holds what surrounds it: working out `W` from transformers' own keywords,
 joining the process group, and reading each rank's slices from safetensors.
 
 Why not transformers' tensor-parallel loader (`distributed_config=DistributedConfig(tp_size=W)` with a `tp_plan`

@@ -9,12 +9,13 @@
   - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
 
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
-`modeling_ptt.training` (`Layout`, `parallelize_ptt`, `clip_grad_norm_`). Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
-step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
-`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
-weights, gradients and AdamW state and the peak memory: on CUDA the peak allocated, on Linux CPUs the growth of the
-peak resident set over the variant's start (the kernel's peak count is restarted for every variant, after what the
-previous one freed went back to the OS). Ratios are against tensor_parallel in the same run.
+`modeling_ptt.training` (`Layout`, `parallelize_ptt`, `clip_grad_norm_`). Reported per variant, medians over the
+measured steps: step time, tokens/s, the collectives one step runs (counted at the dispatcher; DDP runs its bucket
+all_reduces through a communication hook, the default `allreduce_hook`, so that they reach the dispatcher, and the
+hook also counts them), and per rank the bytes of weights, gradients and AdamW state and the peak memory: on CUDA
+the peak allocated, on Linux CPUs the growth of the peak resident set over the variant's start (the kernel's peak
+count is restarted for every variant, after what the previous one freed went back to the OS). Ratios are against
+tensor_parallel in the same run.
 """
 
 import argparse

@@ -357,7 +357,8 @@ def test_quality_sweep_and_demo_fail_before_training_naming_the_directory(tmp_pa
     import quality_sweep
     from modeling_ptt.training import trainer
 
-    monkeypatch.setattr(trainer, "training_function", lambda args: pytest.fail("trained although the output cannot be written"))
+    monkeypatch.setattr(trainer, "training_function",
+                        lambda args: pytest.fail("trained although the output cannot be written"))
     for out in blocked_paths(tmp_path):
         with pytest.raises(SystemExit, match=rf"cannot write the sweep's results to {out}"):
             quality_sweep.main(["--output-dir", str(out)])

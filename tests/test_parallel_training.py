@@ -286,10 +286,9 @@ def test_a_run_killed_while_saving_resumes_in_its_layout_and_in_one_process(corp
     shutil.copytree(run, alone)
 
     run_launcher([*command, "--resume"], child_env(), timeout_s=150)
-    # the sharded formats load through torch.distributed.checkpoint, which --track-parallel 1 selects in one process
-    one_process = [] if layout == "ddp" else ["--track-parallel", "1"]
+    # every layout writes the one format: a single process reads each of them
     with pytest.warns(UserWarning, match=f"saved by {processes} processes, this job has 1"):
-        training_function(parse_args([*common, *one_process, "--output-dir", str(alone), "--resume"]))
+        training_function(parse_args([*common, "--output-dir", str(alone), "--resume"]))
     expected = load_file(one_process_run / "model.safetensors")
     for resumed_run in (run, alone):
         assert_logs_close(losses(resumed_run), losses(one_process_run))
