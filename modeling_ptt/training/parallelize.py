@@ -159,8 +159,8 @@ def apply_ddp(model: PTForCausalLM, layout: Layout) -> DistributedDataParallel:
 def apply_fsdp(model: PTForCausalLM, layout: Layout) -> PTForCausalLM:
     """FSDP2 (`fully_shard`) on every decoder layer and the root, over "data" only: a rank's track slices are
     sharded among the ranks that hold the same tracks. Build the optimizer afterwards, over the sharded parameters."""
-    track_stacked = {id(param) for name, param in model.named_parameters()
-                     if name in set(model.track_stacked_parameter_names())}
+    track_names = set(model.track_stacked_parameter_names())
+    track_stacked = {id(param) for name, param in model.named_parameters() if name in track_names}
 
     def placement(param: torch.nn.Parameter) -> Shard | None:
         # a rank's few tracks (often one) would split unevenly along dim 0: shard a layer's tensors by rows

@@ -48,6 +48,9 @@ def training_function(args) -> dict:
 
 
 class Trainer:
+    """One training job: `__init__` sets it up on every process (layout, data, model on the mesh, optimizer),
+    `train()` runs the loop and returns the summary."""
+
     def __init__(self, args):
         self.args, self.started = args, time.perf_counter()
         self.layout = start_layout(args)  # checked on every rank before any process group, data or weight
