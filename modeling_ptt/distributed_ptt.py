@@ -1,10 +1,9 @@
 """Track parallelism: the tracks of a PT model spread over the ranks of a `torchrun` / `accelerate launch` job.
 
-With `W` processes (`W` divides `num_tracks = n`), rank `r` owns the `n/W` consecutive tracks `[r*n/W, (r+1)*n/W)`:
-it holds the slice `[r*n/W : (r+1)*n/W]` of every track-stacked tensor and a full copy of the shared ones
-(embedding, final norm, LM head). The forward is the single-device forward; only `PTTrackSync.merge` differs, with
-one all_reduce per merge. This module holds what surrounds it: working out `W` from transformers' own keywords,
-starting the process group, and reading each rank's slices from safetensors.
+With `W` processes, rank `r` owns the tracks `placement.track_range(r, W, n)` (`W` divides `num_tracks = n`; see
+`placement`): it holds that slice of every track-stacked tensor and a full copy of the shared ones. The forward is
+the single-device forward; only `PTTrackSync.merge` differs, with one all_reduce per merge. This module holds what surrounds it: working out `W` from transformers' own keywords,
+joining the process group, and reading each rank's slices from safetensors.
 
 Why not transformers' tensor-parallel loader (`distributed_config=DistributedConfig(tp_size=W)` with a `tp_plan`
 whose style shards dim 0), tried on transformers 5.17 and 5.24: a style registered in `ALL_PARALLEL_STYLES` whose
@@ -54,6 +53,8 @@ import torch.distributed as dist
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
+from .placement import check_track_split, materialize_buffers, rank_device, start_process_group, track_range
+
 
 logger = logging.get_logger(__name__)
 TIMEOUT_ENV = "PTT_PROCESS_GROUP_TIMEOUT"
@@ -93,20 +94,6 @@ def track_parallel_size(kwargs: dict) -> int | None:
     return world_size
 
 
-def check_track_split(num_tracks: int, world_size: int) -> None:
-    """`W` must divide `n`: every rank owns the same number of whole tracks."""
-    if num_tracks % world_size:
-        divisors = [w for w in range(1, num_tracks + 1) if num_tracks % w == 0]
-        raise ValueError(f"Cannot split num_tracks={num_tracks} tracks over W={world_size} ranks (tp_size): W must "
-                         f"divide num_tracks, one of {divisors}.")
-
-
-def track_range(rank: int, world_size: int, num_tracks: int) -> range:
-    """The tracks rank `rank` of `world_size` owns."""
-    per_rank = num_tracks // world_size
-    return range(rank * per_rank, (rank + 1) * per_rank)
-
-
 def process_group_timeout(seconds: float | None = None) -> timedelta | None:
     """The process-group timeout: the argument, else `$PTT_PROCESS_GROUP_TIMEOUT`, else None (torch's default)."""
     if seconds is None and os.environ.get(TIMEOUT_ENV):
@@ -129,19 +116,13 @@ def init_track_parallel(
     NCCL with `cuda:LOCAL_RANK` where CUDA is available, gloo on the CPU otherwise: the same code either way. A group
     the caller started already is used as it is (its timeout too). `W=1` needs no group: every track is local.
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if world_size == 1:
-        return None, 0, device
-    if not dist.is_initialized():
-        missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-        if missing:
-            raise RuntimeError(f"tp_size={world_size} needs {world_size} processes started by `torchrun` or "
-                               f"`accelerate launch` (environment variables {missing} are not set).")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+        return None, 0, rank_device()
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing and not dist.is_initialized():
+        raise RuntimeError(f"tp_size={world_size} needs {world_size} processes started by `torchrun` or "
+                           f"`accelerate launch` (environment variables {missing} are not set).")
+    device = start_process_group(timeout)
     if dist.get_world_size() != world_size:
         raise ValueError(f"tp_size={world_size} but the job has {dist.get_world_size()} processes: launch exactly "
                          f"tp_size processes (replicas of a track-parallel model are not supported).")
@@ -466,7 +447,8 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
         raise TypeError(f"from_pretrained with track parallelism does not support {sorted(kwargs)}")
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    check_track_split(config.num_tracks, world_size)  # before any process group or byte of weights
+    # before any process group or byte of weights
+    check_track_split(config.num_tracks, world_size, f"tp_size={world_size}")
 
     group, rank, device = init_track_parallel(world_size, timeout)
     tracks = track_range(rank, world_size, config.num_tracks)
@@ -509,11 +491,3 @@ def assign_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
             module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
         else:
             module._buffers[leaf] = tensor
-
-
-def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Compute the non-persistent buffers (RoPE `inv_freq`) that stayed on the meta device, as transformers does."""
-    for module in model.modules():
-        if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
-            module.to_empty(device=device, recurse=False)
-            model._init_weights(module)

@@ -64,7 +64,8 @@ from vllm.model_executor.models.utils import PPMissingLayer, make_empty_intermed
 from vllm.sequence import IntermediateTensors
 
 from .configuration_ptt import PTConfig
-from .distributed_ptt import iter_track_slices, track_range
+from .distributed_ptt import iter_track_slices
+from .placement import check_track_split, track_range
 from .modeling_parallel_track import PTForCausalLM
 
 
@@ -75,11 +76,7 @@ LM_HEAD_PLACEMENTS = ("replicated", "vocab_parallel")
 
 def check_track_placement(config: PTConfig, world_size: int) -> None:
     """vLLM accepts any tensor-parallel size that divides the head count; tracks need one that divides n."""
-    if config.num_tracks % world_size:
-        raise ValueError(
-            f"tensor_parallel_size={world_size} does not divide num_tracks={config.num_tracks}: every rank must hold "
-            f"num_tracks / tensor_parallel_size whole tracks (use a divisor of {config.num_tracks})"
-        )
+    check_track_split(config.num_tracks, world_size, f"tensor_parallel_size={world_size}")
 
 
 def pipeline_stages(config: PTConfig, num_stages: int) -> list[range]:

@@ -9,12 +9,13 @@
   - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
 
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
-`parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
-step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
-`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
-weights, gradients and AdamW state and the peak memory: on CUDA the peak allocated, on Linux CPUs the growth of the
-peak resident set over the variant's start (the kernel's peak count is restarted for every variant, after what the
-previous one freed went back to the OS). Ratios are against tensor_parallel in the same run.
+`modeling_ptt.training` (`Layout`, `parallelize_ptt`, `clip_grad_norm_`). Reported per variant, medians over the
+measured steps: step time, tokens/s, the collectives one step runs (counted at the dispatcher; DDP runs its bucket
+all_reduces through a communication hook, the default `allreduce_hook`, so that they reach the dispatcher, and the
+hook also counts them), and per rank the bytes of weights, gradients and AdamW state and the peak memory: on CUDA
+the peak allocated, on Linux CPUs the growth of the peak resident set over the variant's start (the kernel's peak
+count is restarted for every variant, after what the previous one freed went back to the OS). Ratios are against
+tensor_parallel in the same run.
 """
 
 import argparse
@@ -34,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from benchmark_harness import add_shape_arguments, peak_memory_bytes, reset_peak_memory, resident_bytes
 from collectives import CollectiveCounter
 from modeling_ptt import PTConfig
-from parallel import MeshParallel, init_from_scratch
+from modeling_ptt.placement import start_process_group
+from modeling_ptt.training import Layout, clip_grad_norm_, init_from_scratch, parallelize_ptt
 
 
 VARIANTS = ("track_parallel", "tensor_parallel", "data_parallel")
@@ -74,10 +76,9 @@ def measure(args, variant: str, world_size: int) -> dict:
     resident_at_start = restart_peak_resident()
     config = model_config(args, variant)
     track_parallel = 1 if variant == "data_parallel" else world_size
-    parallel = MeshParallel(track_parallel, shard=False, mixed_precision="no", gradient_accumulation_steps=1)
-    model = init_from_scratch(config, args.seed, parallel.track_range(config.num_tracks)).to(parallel.device)
+    layout = Layout(track_parallel, config.num_tracks)
+    model = parallelize_ptt(init_from_scratch(config, args.seed, layout.tracks).to(layout.device), layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model, optimizer = parallel.prepare(model, optimizer)
     buckets = None
     if isinstance(model, DistributedDataParallel):  # its built-in bucket all_reduces run in C++, unseen by the counter
         buckets = {"count": 0}
@@ -91,29 +92,27 @@ def measure(args, variant: str, world_size: int) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     global_batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator)
     # the rows of one track group read the same batch; data-parallel replicas split it
-    batch = global_batch.chunk(parallel.num_replicas)[parallel.replica_index].to(parallel.device)
+    batch = global_batch.chunk(layout.num_replicas)[layout.replica_index].to(layout.device)
 
     def step() -> None:
-        with parallel.accumulate(model):
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            parallel.backward(loss)
-            parallel.clip_grad_norm_(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        clip_grad_norm_(model, 1.0, layout)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
 
     for _ in range(args.warmup):
         step()
     with CollectiveCounter() as counter:
         step()
-    if parallel.device.type == "cuda":
-        reset_peak_memory(parallel.device)
+    if layout.device.type == "cuda":
+        reset_peak_memory(layout.device)
     times = []
     for _ in range(args.steps):
         dist.barrier()
         started = time.perf_counter()
         step()
-        if parallel.device.type == "cuda":
-            torch.cuda.synchronize(parallel.device)
+        if layout.device.type == "cuda":
+            torch.cuda.synchronize(layout.device)
         dist.barrier()
         times.append(time.perf_counter() - started)
     result = {
@@ -126,10 +125,10 @@ def measure(args, variant: str, world_size: int) -> dict:
     }
     if buckets is not None:
         result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
-    if parallel.device.type == "cuda":
-        result["peak_allocated_bytes"] = peak_memory_bytes(parallel.device)
+    if layout.device.type == "cuda":
+        result["peak_allocated_bytes"] = peak_memory_bytes(layout.device)
     elif resident_at_start is not None:
-        result["peak_resident_growth_bytes"] = peak_memory_bytes(parallel.device) - resident_at_start
+        result["peak_resident_growth_bytes"] = peak_memory_bytes(layout.device) - resident_at_start
     del model, optimizer
     return result
 
@@ -174,7 +173,7 @@ def main():
     args = parser.parse_args()
     if "tensor_parallel" not in args.variants:
         parser.error("--variants must include tensor_parallel: the ratios are taken against it")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    start_process_group()
     world_size = dist.get_world_size()
     results = {variant: measure(args, variant, world_size) for variant in args.variants}
     if dist.get_rank() == 0:

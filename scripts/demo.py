@@ -29,9 +29,11 @@ def train_demo_model(output_dir: str, max_steps: int) -> dict:
     # a sibling script (Python puts this script's folder on sys.path), imported here rather than at the top: it
     # imports modeling_ptt, which the reload process must never see
     import train
+    from modeling_ptt.training import trainer
+    from modeling_ptt.training.train_log import LOG_NAME, PLOT_NAME
 
     print(f"== training a PT model on the Shakespeare plays ({max_steps} steps, {torch.get_num_threads()} threads)")
-    summary = train.train(train.parse_args([
+    summary = trainer.training_function(train.parse_args([
         "--output-dir", output_dir, "--max-steps", str(max_steps), "--num-tracks", "4", "--track-block-depth", "2",
         "--eval-every", str(max(max_steps // 5, 1)), "--log-every", "10",
         "--warmup-steps", str(max(max_steps // 20, 1)),
@@ -39,7 +41,7 @@ def train_demo_model(output_dir: str, max_steps: int) -> dict:
     print(f"validation perplexity: {summary['val_ppl_before']:.1f} before training -> {summary['val_ppl']:.1f} after "
           f"{summary['training_tokens']:,} tokens (unigram baseline {summary['unigram_ppl']:.1f}); "
           f"training took {summary['wall_s']:.0f} s")
-    print(f"log: {Path(output_dir, train.LOG_NAME)}, curve: {Path(output_dir, train.PLOT_NAME)}")
+    print(f"log: {Path(output_dir, LOG_NAME)}, curve: {Path(output_dir, PLOT_NAME)}")
     return summary
 
 

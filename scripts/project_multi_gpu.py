@@ -36,6 +36,7 @@ import torch
 
 from modeling_ptt import PTConfig, PTForCausalLM
 from modeling_ptt.modeling_parallel_track import CACHE_FIELD
+from modeling_ptt.placement import check_track_split
 from script_io import check_output_file, read_json_file
 
 
@@ -271,8 +272,10 @@ def main():
     if args.json:
         check_output_file(args.json, "the projection")
     config = PTConfig(**read_json_file(args.config, "--config"))
-    if config.num_tracks % args.world_size:
-        parser.error(f"--world-size {args.world_size} must divide num_tracks={config.num_tracks}")
+    try:
+        check_track_split(config.num_tracks, args.world_size, f"--world-size {args.world_size}")
+    except ValueError as error:
+        parser.error(str(error))
     sources = compute_sources(config, args, parser)
     print_assumptions(config, args)
     implied = implied_by_paper(config, args)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Validation loss of PT vs track block depth D, on the same tokens with the same budget and parameter count.
 
-Every run trains with `scripts/train.py`'s functions on the same tokenizer, the same blocks in the same order (per
+Every run trains with `scripts/train.py`'s command line (modeling_ptt.training) on the same tokenizer, the same blocks in the same order (per
 seed) and the same optimiser settings. The comparison that isolates PT's effect is D against
 `sync_mode="tensor_parallel"` at the same n: both have the same parametrisation (the mean-merge scales every track's
 sublayer output by 1/n) and tensor_parallel is dense maths, so D is the only difference. The plain dense
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import train  # sibling scripts: Python puts this script's folder on sys.path
 from modeling_ptt import PTConfig
+from modeling_ptt.training import trainer
+from modeling_ptt.training.data import read_documents, shakespeare_files, split_document, train_tokenizer
+from modeling_ptt.training.train_log import read_log
 from script_io import check_output_dir
 
 
@@ -56,9 +59,9 @@ def build_tokenizer(output_dir: Path, args) -> Path:
     """One BPE for every run, trained on the training split only, so all runs see the same tokens."""
     tokenizer_dir = output_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
-        documents = train.read_documents(train.shakespeare_files())
-        texts = [train.split_document(text, 0.05)[0] for _, text in documents]
-        train.train_tokenizer(texts, args.vocab_size).save_pretrained(tokenizer_dir)
+        documents = read_documents(shakespeare_files())
+        texts = [split_document(text, 0.05)[0] for _, text in documents]
+        train_tokenizer(texts, args.vocab_size).save_pretrained(tokenizer_dir)
     return tokenizer_dir
 
 
@@ -183,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(label: str, overrides: dict, seed: int, output_dir: Path, tokenizer_dir: Path, args) -> dict:
     """Train one configuration of one seed; its record for results.jsonl."""
     run_dir = output_dir / "runs" / f"{label.replace(' ', '_').replace(',', '').replace('/', '')}_seed{seed}"
-    summary = train.train(train.parse_args(train_argv(overrides, seed, run_dir, tokenizer_dir, args)))
+    summary = trainer.training_function(train.parse_args(train_argv(overrides, seed, run_dir, tokenizer_dir, args)))
     config = PTConfig.from_pretrained(run_dir)
     return {"label": label, "seed": seed, "num_tracks": config.num_tracks,
             "depth": config.track_block_depth if label.startswith("PT") else None,
@@ -200,13 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = [label for label, _ in runs]
 
     def report() -> None:
-        rows = summarise(train.read_log(results_path), labels)
+        rows = summarise(read_log(results_path), labels)
         write_table(rows, output_dir / "quality_table.md", args)
         plot(rows, output_dir / "quality_vs_depth.png", args.depths)
 
     for seed in [] if args.report_only else args.seeds:
         for label, overrides in runs:
-            if any(r["label"] == label and r["seed"] == seed for r in train.read_log(results_path)):
+            if any(r["label"] == label and r["seed"] == seed for r in read_log(results_path)):
                 continue
             record = run_one(label, overrides, seed, output_dir, tokenizer_dir, args)
             with open(results_path, "a") as handle:

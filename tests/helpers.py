@@ -54,10 +54,10 @@ LLAMA_FIELDS = (
 
 def write_small_corpus(directory: Path) -> Path:
     """The first 30k characters of two plays of the default corpus, as text files in `directory`."""
-    import train
+    from modeling_ptt.training.data import shakespeare_files
 
     directory.mkdir(parents=True, exist_ok=True)
-    for path in train.shakespeare_files()[:2]:
+    for path in shakespeare_files()[:2]:
         (directory / path.name).write_text(path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     return directory
 

@@ -154,12 +154,13 @@ def test_a_float_tensor_of_another_dtype_is_cast_as_before(saved, tmp_path, load
 
 
 def test_a_train_config_that_is_not_json_is_named(tmp_path):
-    import train
+    from modeling_ptt.training.trainer import build_config
+    from train import parse_args
 
     config = tmp_path / "ptt.json"
     config.write_text("hidden_size: 64\n")  # YAML, not JSON
     with pytest.raises(ValueError, match=rf"--config {config} is not a JSON file"):
-        train.build_config(train.parse_args(["--config", str(config)]), tokenizer=None)
+        build_config(parse_args(["--config", str(config)]), tokenizer=None)
 
 
 def test_a_projection_config_that_is_not_json_is_named(tmp_path):
@@ -354,9 +355,10 @@ def blocked_paths(tmp_path: Path) -> list[Path]:
 def test_quality_sweep_and_demo_fail_before_training_naming_the_directory(tmp_path, monkeypatch):
     import demo
     import quality_sweep
-    import train
+    from modeling_ptt.training import trainer
 
-    monkeypatch.setattr(train, "train", lambda args: pytest.fail("trained although the output cannot be written"))
+    monkeypatch.setattr(trainer, "training_function",
+                        lambda args: pytest.fail("trained although the output cannot be written"))
     for out in blocked_paths(tmp_path):
         with pytest.raises(SystemExit, match=rf"cannot write the sweep's results to {out}"):
             quality_sweep.main(["--output-dir", str(out)])

@@ -1,4 +1,4 @@
-"""scripts/checkpoints.py: kills at any moment leave only whole checkpoints, resume is exact after each, nothing
+"""modeling_ptt.training.checkpoint: kills at any moment leave only whole checkpoints, resume is exact after each, nothing
 is unpickled on load, and an incomplete or corrupt checkpoint is refused naming its directory and the file."""
 
 import io
@@ -13,17 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
 import kill_soak
-import train
 from helpers import TRAIN_ARGS
+from modeling_ptt.training import checkpoint as checkpoints
+from modeling_ptt.training.trainer import training_function
+from train import parse_args
 
 
+# a one-process checkpoint's tensors: torch.distributed.checkpoint's one shard
+SHARD = "shard-00001-model-00001-of-00001.safetensors"
 STEPS = ["--max-steps", "8", "--log-every", "1", "--eval-every", "4", "--eval-blocks", "4", "--save-every", "4"]
 
 
 def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
-    return train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TRAIN_ARGS, *STEPS,
+    return training_function(parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TRAIN_ARGS, *STEPS,
                                          *extra]))
 
 
@@ -124,10 +127,10 @@ def test_resume_and_reload_unpickle_nothing(runs, corpus, tmp_path, monkeypatch)
     "damage, message",
     [
         (lambda c: (c / checkpoints.MANIFEST).unlink(), "is incomplete: it has no manifest.json"),
-        (lambda c: (c / checkpoints.OPTIMIZER_TENSORS).unlink(), "optimizer.safetensors is missing"),
+        (lambda c: (c / SHARD).unlink(), f"{SHARD} is missing"),
         (lambda c: (c / "rng" / "rank-0.safetensors").unlink(), "rng/rank-0.safetensors is missing"),
     ],
-    ids=["no-manifest", "optimizer-missing", "rng-missing"],
+    ids=["no-manifest", "tensors-missing", "rng-missing"],
 )
 def test_resume_from_an_incomplete_checkpoint_names_what_is_missing(runs, corpus, tmp_path, damage, message):
     output_dir, checkpoint = copy_of_stopped_run(runs, tmp_path)
@@ -159,17 +162,15 @@ def rewrite_manifest(checkpoint: Path) -> None:
 @pytest.mark.parametrize(
     "name, damage, message",
     [
-        (checkpoints.MODEL, truncate, "model.safetensors has .* bytes where the manifest lists"),
-        (checkpoints.OPTIMIZER_TENSORS, truncate, "optimizer.safetensors has .* bytes where the manifest lists"),
-        (checkpoints.MODEL, overwrite_with_garbage, "model.safetensors is not what was saved"),
-        (checkpoints.OPTIMIZER_TENSORS, overwrite_with_garbage, "optimizer.safetensors is not what was saved"),
-        (checkpoints.MODEL, overwrite_with_garbage, "cannot load model.safetensors"),
-        (checkpoints.OPTIMIZER_TENSORS, truncate, "cannot load optimizer.safetensors"),
-        (checkpoints.OPTIMIZER, lambda f: f.write_text("{}"), "cannot load optimizer.json"),
-        (checkpoints.SCHEDULER, lambda f: f.write_text("not json"), "cannot load scheduler.json"),
+        (SHARD, truncate, f"{SHARD} has .* bytes where the manifest lists"),
+        (SHARD, overwrite_with_garbage, f"{SHARD} is not what was saved"),
+        (SHARD, overwrite_with_garbage, r"cannot load its model and optimizer shards"),
+        (SHARD, truncate, r"cannot load its model and optimizer shards"),
+        (checkpoints.SCHEDULE, lambda f: f.write_text('{"scheduler": {}}'), "cannot load schedule.json"),
+        (checkpoints.SCHEDULE, lambda f: f.write_text("not json"), "cannot load schedule.json"),
     ],
-    ids=["model-truncated", "optimizer-truncated", "model-garbage", "optimizer-garbage",
-         "model-garbage-saved-so", "optimizer-truncated-saved-so", "optimizer-groups-gone", "scheduler-not-json"],
+    ids=["tensors-truncated", "tensors-garbage", "tensors-garbage-saved-so", "tensors-truncated-saved-so",
+         "optimizer-groups-gone", "schedule-not-json"],
 )
 def test_resume_from_a_corrupt_checkpoint_names_the_directory_and_the_file(runs, corpus, tmp_path, name, damage,
                                                                            message):
@@ -188,7 +189,7 @@ def test_leftovers_are_tidied_and_a_save_killed_after_its_manifest_is_kept(tmp_p
         (directory / "weights.bin").write_bytes(b"0123456789")
 
     for step in (1, 2, 3):
-        checkpoints.save_checkpoint(tmp_path, step, write)
+        checkpoints.save_atomically(tmp_path, step, write)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # rotation keeps the newest
     assert checkpoints.verify(tmp_path / "checkpoint-3")["files"] == {
         "weights.bin": {"size": 10, "sha256": checkpoints._sha256(tmp_path / "checkpoint-3" / "weights.bin")}}
@@ -206,3 +207,17 @@ def test_leftovers_are_tidied_and_a_save_killed_after_its_manifest_is_kept(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-5", "checkpoint-7"]
     with pytest.warns(UserWarning, match="checkpoint-7 is incomplete or damaged: weights.bin has 3 bytes"):
         assert checkpoints.find_resumable(tmp_path) == tmp_path / "checkpoint-5"
+
+
+def test_a_checkpoint_of_the_old_data_parallel_format_is_refused_naming_it(corpus, tmp_path):
+    """The single-file format of 0.2.0's data-parallel mode (one process without --track-parallel wrote it) does not
+    resume: the error names the format and the last version that reads it."""
+    def write_old_format(directory: Path) -> None:
+        for name in checkpoints.OLD_FORMAT:
+            (directory / name).write_text("{}")
+        (directory / checkpoints.TRAINER_STATE).write_text(json.dumps({"step": 4, "position": 4, "num_processes": 1}))
+
+    checkpoints.save_atomically(tmp_path, 4, write_old_format)
+    with pytest.raises(checkpoints.CheckpointError, match=r"single-file format .* modeling-ptt 0\.2\.0 is the last "
+                                                          r"version to read"):
+        run_train(corpus, tmp_path, "--resume")

@@ -11,7 +11,8 @@ from helpers import TRAIN_ARGS, require
 require("lm_eval")
 
 import eval_perplexity  # noqa: E402
-import train  # noqa: E402
+from modeling_ptt.training.trainer import training_function  # noqa: E402
+from train import parse_args  # noqa: E402
 
 
 def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):
@@ -19,7 +20,7 @@ def test_lm_eval_perplexity_matches_the_model(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
     model_dir = tmp_path / "model"
-    train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(model_dir), "--max-steps", "5", *TRAIN_ARGS]))
+    training_function(parse_args(["--data", str(corpus), "--output-dir", str(model_dir), "--max-steps", "5", *TRAIN_ARGS]))
     docs = ["Enter the King and his lords.", "Good morrow, my lord; how fares your grace?"]
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in docs))

@@ -1,4 +1,4 @@
-"""scripts/train.py across processes: track parallelism (`--track-parallel W`) against one process.
+"""scripts/train.py (modeling_ptt.training) across processes: track parallelism (`--track-parallel W`) against one process.
 
 Every multi-process test starts a real launcher (torchrun) on gloo with `OMP_NUM_THREADS=1` per rank and a hard
 timeout. The oracle is `train.py` in this process with the same seed and global batch: each rank of the launched job
@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
-import parallel
-import train
 from helpers import LAUNCH_TIMEOUT_S, ROOT, SUPPORT, TRAIN_ARGS, child_env, free_port, run_launcher
 from modeling_ptt import PTConfig
+from modeling_ptt.training import checkpoint as checkpoints, init_from_scratch, trainer
+from modeling_ptt.training.train_log import LOG_NAME, read_log
+from modeling_ptt.training.trainer import config_values, training_function
+from train import parse_args
 
 
 WORKER = SUPPORT / "parallel_train_worker.py"
@@ -40,7 +41,7 @@ def launch(tmp_path: Path, processes: int, args: list[str]) -> list[dict]:
 
 
 def losses(run: Path) -> list:
-    return [(r["step"], r["loss"], r.get("aux_loss"), r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
+    return [(r["step"], r["loss"], r.get("aux_loss"), r["val_loss"]) for r in read_log(run / LOG_NAME)]
 
 
 def assert_logs_close(got: list, expected: list) -> None:
@@ -60,7 +61,7 @@ def test_track_parallel_training_equals_one_process(corpus, tmp_path, model):
     its load-balancing loss, which must then be the mean over both ranks' routers."""
     common = ["--data", str(corpus), *TRAIN_ARGS, *STEPS, *(MOE if model == "moe" else [])]
     single = tmp_path / "single"
-    train.train(train.parse_args([*common, "--output-dir", str(single)]))
+    training_function(parse_args([*common, "--output-dir", str(single)]))
     tp = tmp_path / "tp"
     ranks = launch(tmp_path, 2, [*common, "--output-dir", str(tp), "--track-parallel", "2"])
 
@@ -83,7 +84,7 @@ def test_track_parallel_training_equals_one_process(corpus, tmp_path, model):
 
     # collectives per optimizer step: per micro-batch one all_reduce per merge forward and per dispatch backward
     # (and one for PT-MoE's aux loss), then one for the clipping norm; one replica, so no loss reduction
-    config = PTConfig(**train.config_values(train.parse_args(common)))
+    config = PTConfig(**config_values(parse_args(common)))
     micro_batches = 2
     per_micro_batch = 2 * config.num_sync_points + (model == "moe")
     for seen in ranks:
@@ -109,7 +110,7 @@ def test_data_parallel_layouts_equal_one_process(corpus, tmp_path, layout):
     and weights, and every parameter of an FSDP2 run really is a sharded DTensor."""
     common = ["--data", str(corpus), *TRAIN_ARGS, *STEPS]
     single = tmp_path / "single"
-    train.train(train.parse_args([*common, "--output-dir", str(single)]))
+    training_function(parse_args([*common, "--output-dir", str(single)]))
     out, run = tmp_path / "ranks", tmp_path / "run"
     out.mkdir()
     args = [*common, "--batch-size", "2", "--output-dir", str(run)]
@@ -140,17 +141,17 @@ def test_init_gives_every_rank_its_slice_of_the_single_process_draw():
     config = PTConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, num_tracks=4, mlp_layer_types=["dense", "sparse"], num_experts=2,
                       num_experts_per_tok=1, moe_intermediate_size=8)
-    whole = parallel.init_from_scratch(config, seed=3, tracks=range(4)).state_dict()
-    track_stacked = set(parallel.init_from_scratch(config, seed=3, tracks=range(4)).track_stacked_parameter_names())
+    whole = init_from_scratch(config, seed=3, tracks=range(4)).state_dict()
+    track_stacked = set(init_from_scratch(config, seed=3, tracks=range(4)).track_stacked_parameter_names())
     assert whole["model.layers.0.self_attn.q_proj.weight"].std() == pytest.approx(config.initializer_range, rel=0.2)
     assert not torch.equal(whole["model.layers.0.mlp.gate_proj.weight"], whole["model.layers.0.mlp.up_proj.weight"])
     for tracks in (range(0, 2), range(2, 4), range(3, 4)):
-        part = parallel.init_from_scratch(config, seed=3, tracks=tracks).state_dict()
+        part = init_from_scratch(config, seed=3, tracks=tracks).state_dict()
         assert part.keys() == whole.keys()
         for name, tensor in whole.items():
             want = tensor[tracks.start : tracks.stop] if name in track_stacked else tensor
             assert torch.equal(part[name], want), (tracks, name)
-    other_seed = parallel.init_from_scratch(config, seed=4, tracks=range(4)).state_dict()
+    other_seed = init_from_scratch(config, seed=4, tracks=range(4)).state_dict()
     assert not torch.equal(other_seed["lm_head.weight"], whole["lm_head.weight"])
 
 
@@ -170,9 +171,9 @@ def test_impossible_layouts_fail_before_any_process_group_or_weight(tmp_path, mo
     """What every rank checks first: WORLD_SIZE says how many processes the launcher started, and no process group
     is started (this process has no peers, so starting one would hang)."""
     monkeypatch.setenv("WORLD_SIZE", str(processes))
-    monkeypatch.setattr(train, "prepare_data", lambda args: pytest.fail("data read before the layout was checked"))
+    monkeypatch.setattr(trainer, "prepare_data", lambda args: pytest.fail("data read before the layout was checked"))
     with pytest.raises(ValueError, match=message):
-        train.train(train.parse_args(["--output-dir", str(tmp_path), *TRAIN_ARGS, "--track-parallel",
+        training_function(parse_args(["--output-dir", str(tmp_path), *TRAIN_ARGS, "--track-parallel",
                                       str(track_parallel), *extra]))
     assert not torch.distributed.is_initialized()
 
@@ -202,18 +203,31 @@ RESUME = ["--max-steps", "4", "--log-every", "1", "--eval-every", "2", "--eval-b
 FIRST_HALF = ["--save-every", "2", "--stop-at-step", "2"]
 
 
-def train_on_two_ranks(tmp_path: Path, run: Path, args: list[str]) -> None:
+def train_on_two_ranks(tmp_path: Path, run: Path, args: list[str]) -> list[dict]:
+    """What each rank recorded (tests/support/parallel_train_worker.py, drawing random numbers every step), when the
+    run ends (parameters and generator states only where it exports: not for a run stopped early)."""
     out = Path(tempfile.mkdtemp(dir=tmp_path))
-    run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--", *args,
-                  "--track-parallel", "2", "--output-dir", str(run)], child_env(), timeout_s=120)
+    run_launcher([str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(WORKER), str(out), "--draw-random", "--",
+                  *args, "--track-parallel", "2", "--output-dir", str(run)], child_env(), timeout_s=120)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def assert_same_generator_states(got: dict, expected: dict) -> None:
+    assert torch.equal(got["torch"], expected["torch"])
+    (kind, keys, *rest), (expected_kind, expected_keys, *expected_rest) = got["numpy"], expected["numpy"]
+    assert (kind, rest) == (expected_kind, expected_rest) and (keys == expected_keys).all()
+    assert got["python"] == expected["python"]
 
 
 def test_track_parallel_resume_continues_exactly(corpus, tmp_path):
     """2 ranks: 4 steps straight == 2 steps, a torch.distributed.checkpoint (every rank writes its own safetensors
-    shards; nothing pickled), resume on 2 ranks, 2 more: the same losses and weights, bitwise."""
+    shards; nothing pickled), resume on 2 ranks, 2 more: the same losses and weights, bitwise, and every rank ends
+    with the generator states (torch, numpy, Python) of the uninterrupted run. Every step draws from them, a different
+    amount on each rank (as dropout or sampled data would), so a resume that restored no rank's states, or another
+    rank's, would end elsewhere."""
     common = ["--data", str(corpus), *TRAIN_ARGS, *RESUME]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_on_two_ranks(tmp_path, straight, common)
+    straight_ranks = train_on_two_ranks(tmp_path, straight, common)
     train_on_two_ranks(tmp_path, split, [*common, *FIRST_HALF])
     checkpoint = checkpoints.find_resumable(split)
     assert checkpoint.name == "checkpoint-2"
@@ -223,25 +237,28 @@ def test_track_parallel_resume_continues_exactly(corpus, tmp_path):
         checkpoints.MANIFEST, "schedule.json", checkpoints.TRAINER_STATE]
     assert [name for name in names if name.startswith("rng/")] == ["rng/rank-0.safetensors", "rng/rank-1.safetensors"]
     assert len(names) == 7
-    train_on_two_ranks(tmp_path, split, [*common, "--save-every", "2", "--resume"])
+    resumed_ranks = train_on_two_ranks(tmp_path, split, [*common, "--save-every", "2", "--resume"])
     assert losses(split) == losses(straight)
     resumed = load_file(split / "model.safetensors")
     for name, tensor in load_file(straight / "model.safetensors").items():
         assert torch.equal(resumed[name], tensor), name
+    assert not torch.equal(straight_ranks[0]["rng_states"]["torch"], straight_ranks[1]["rng_states"]["torch"])
+    for got, expected in zip(resumed_ranks, straight_ranks, strict=True):
+        assert_same_generator_states(got["rng_states"], expected["rng_states"])
 
 
 def test_resume_with_another_global_batch_names_both_layouts(corpus, tmp_path):
     common = ["--data", str(corpus), *TRAIN_ARGS, "--max-steps", "4", "--eval-blocks", "4", "--track-parallel", "1"]
-    train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--save-every", "2", "--stop-at-step", "2"]))
+    training_function(parse_args([*common, "--output-dir", str(tmp_path), "--save-every", "2", "--stop-at-step", "2"]))
     with pytest.raises(ValueError, match=r"written by 1 data-parallel replicas x --batch-size 4 .* this job has 1 x 2"):
-        train.train(train.parse_args([*common, "--output-dir", str(tmp_path), "--resume", "--batch-size", "2"]))
+        training_function(parse_args([*common, "--output-dir", str(tmp_path), "--resume", "--batch-size", "2"]))
 
 
 @pytest.fixture(scope="module")
 def one_process_run(corpus, tmp_path_factory) -> Path:
     """The oracle of the kill tests: RESUME's 4 steps in this process with the global batch of 4."""
     run = tmp_path_factory.mktemp("one_process")
-    train.train(train.parse_args(["--data", str(corpus), *TRAIN_ARGS, *RESUME, "--output-dir", str(run)]))
+    training_function(parse_args(["--data", str(corpus), *TRAIN_ARGS, *RESUME, "--output-dir", str(run)]))
     return run
 
 
@@ -269,10 +286,9 @@ def test_a_run_killed_while_saving_resumes_in_its_layout_and_in_one_process(corp
     shutil.copytree(run, alone)
 
     run_launcher([*command, "--resume"], child_env(), timeout_s=150)
-    # the sharded formats load through torch.distributed.checkpoint, which --track-parallel 1 selects in one process
-    one_process = [] if layout == "ddp" else ["--track-parallel", "1"]
+    # every layout writes the one format: a single process reads each of them
     with pytest.warns(UserWarning, match=f"saved by {processes} processes, this job has 1"):
-        train.train(train.parse_args([*common, *one_process, "--output-dir", str(alone), "--resume"]))
+        training_function(parse_args([*common, "--output-dir", str(alone), "--resume"]))
     expected = load_file(one_process_run / "model.safetensors")
     for resumed_run in (run, alone):
         assert_logs_close(losses(resumed_run), losses(one_process_run))

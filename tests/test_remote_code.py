@@ -22,6 +22,9 @@ def test_save_writes_remote_code_and_auto_map(tmp_path):
     remote_code = {path.name for path in package.glob("*.py")} - {"__init__.py"} - integrations
     assert {"config.json", "model.safetensors"} | remote_code <= files
     assert not integrations & files
+    # nor is the training library (a subpackage: its modules would be written flat, beside the model's)
+    training = {path.name for path in (package / "training").glob("*.py")}
+    assert training and not (training - remote_code) & files and "training" not in files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_ptt.PTConfig",
@@ -30,6 +33,17 @@ def test_save_writes_remote_code_and_auto_map(tmp_path):
     }
     # a module named like the package would shadow it for any Python started in this folder
     assert not any(name.split(".")[0] == "modeling_ptt" for name in files)
+
+
+def test_importing_the_package_imports_no_training_code():
+    """`modeling_ptt.training` stays out of `import modeling_ptt`, so the model needs none of its `train` extra."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, modeling_ptt; "
+                               "print(sorted(name for name in sys.modules if name.startswith('modeling_ptt.training')))"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_auto_classes_load_remote_code_without_the_package(tmp_path, input_ids):

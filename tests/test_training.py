@@ -1,4 +1,4 @@
-"""scripts/train.py: bad data, exact resume, atomic checkpoints, the saved model, DDP under accelerate, the demo."""
+"""scripts/train.py and modeling_ptt.training: bad data, exact resume, atomic checkpoints, the saved model, DDP under accelerate, the demo."""
 
 import os
 import subprocess
@@ -11,14 +11,17 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from modeling_ptt import PTForCausalLM
+from modeling_ptt.training import checkpoint as checkpoints, init_from_scratch
+from modeling_ptt.training.data import BlockSampler, prepare_data
+from modeling_ptt.training.train_log import LOG_NAME, PLOT_NAME, read_log
+from modeling_ptt.training.trainer import build_config, training_function, validation_loss
 
-import checkpoints
-import train
 from helpers import ROOT, TRAIN_ARGS, child_env, free_port, require, run_launcher
+from train import parse_args
 
 
 def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
-    return train.train(train.parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TRAIN_ARGS, *extra]))
+    return training_function(parse_args(["--data", str(corpus), "--output-dir", str(output_dir), *TRAIN_ARGS, *extra]))
 
 
 @pytest.mark.parametrize(
@@ -35,7 +38,7 @@ def run_train(corpus: Path, output_dir: Path, *extra: str) -> dict:
 def test_bad_data_names_the_file(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
-        train.train(train.parse_args(["--data", str(path), "--output-dir", str(tmp_path / "out"), *TRAIN_ARGS]))
+        training_function(parse_args(["--data", str(path), "--output-dir", str(tmp_path / "out"), *TRAIN_ARGS]))
     assert path.name in str(error.value)
 
 
@@ -57,7 +60,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
     run_train(corpus, split, *common, "--save-every", "4", "--resume")
 
     def losses(run):
-        return [(r["step"], r["loss"], r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
+        return [(r["step"], r["loss"], r["val_loss"]) for r in read_log(run / LOG_NAME)]
 
     assert [step for step, _, _ in losses(split)] == list(range(9))
     assert losses(split) == losses(straight)
@@ -73,18 +76,18 @@ def test_output_loads_through_auto_classes(corpus, tmp_path):
 
     out = tmp_path / "out"
     summary = run_train(corpus, out, "--max-steps", "20", "--eval-every", "10", "--lr", "1e-2")
-    records = train.read_log(out / train.LOG_NAME)
+    records = read_log(out / LOG_NAME)
     assert {"step", "loss", "val_loss", "val_ppl", "tokens_per_s", "lr"} <= set(records[-1])
     assert records[-1]["val_loss"] == summary["val_loss"] < summary["val_loss_before"]
-    assert (out / train.PLOT_NAME).stat().st_size > 0
+    assert (out / PLOT_NAME).stat().st_size > 0
     assert (out / "modeling_parallel_track.py").exists() and (out / "configuration_ptt.py").exists()
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.num_tracks == 2 and model.config.vocab_size == len(tokenizer)
     # the reloaded model scores the held-out blocks as training last did
-    _, _, val_blocks, _ = train.prepare_data(train.parse_args(["--data", str(corpus), "--tokenizer", str(out), *TRAIN_ARGS]))
-    reloaded = train.validation_loss(model, val_blocks[:64], 4, torch.device("cpu"))
+    _, _, val_blocks, _ = prepare_data(parse_args(["--data", str(corpus), "--tokenizer", str(out), *TRAIN_ARGS]))
+    reloaded = validation_loss(model, val_blocks[:64], 4, torch.device("cpu"))
     assert reloaded == pytest.approx(summary["val_loss"], abs=1e-5)
     text = tokenizer.decode(tokenizer("My lord, the king.")["input_ids"])
     assert text == "My lord, the king."
@@ -111,9 +114,9 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path, model):
     run_launcher([*launch, str(ROOT / "scripts" / "train.py"), *common, "--output-dir", str(ddp),
                   "--batch-size", "2"], child_env(), timeout_s=180)
     single = tmp_path / "single"
-    train.train(train.parse_args([*common, "--output-dir", str(single), "--batch-size", "4"]))
+    training_function(parse_args([*common, "--output-dir", str(single), "--batch-size", "4"]))
 
-    ddp_log, single_log = train.read_log(ddp / train.LOG_NAME), train.read_log(single / train.LOG_NAME)
+    ddp_log, single_log = read_log(ddp / LOG_NAME), read_log(single / LOG_NAME)
     assert [r["step"] for r in ddp_log] == [r["step"] for r in single_log] == [0, 1, 2, 3]
     for a, b in zip(ddp_log[1:], single_log[1:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
@@ -129,7 +132,7 @@ def test_demo_quick(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "reloaded through AutoModelForCausalLM(trust_remote_code=True) as transformers_modules." in result.stdout
     assert "2 (PT, D=2) vs 8 (tensor parallelism" in result.stdout
-    records = train.read_log(tmp_path / "demo" / train.LOG_NAME)
+    records = read_log(tmp_path / "demo" / LOG_NAME)
     assert records[-1]["val_ppl"] < records[0]["val_ppl"] / 5
 
 
@@ -139,7 +142,7 @@ def test_datasets_dataset_as_data(corpus, tmp_path):
     texts = [path.read_text(encoding="utf-8") for path in sorted(corpus.glob("*.txt"))]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "dataset")
     args = ["--max-steps", "2", "--eval-blocks", "4"]
-    from_dataset = train.train(train.parse_args(["--dataset", str(tmp_path / "dataset"), "--output-dir",
+    from_dataset = training_function(parse_args(["--dataset", str(tmp_path / "dataset"), "--output-dir",
                                                  str(tmp_path / "a"), *TRAIN_ARGS, *args]))
     from_files = run_train(corpus, tmp_path / "b", *args)
     assert from_dataset["val_loss"] == from_files["val_loss"]
@@ -155,15 +158,15 @@ def test_pt_moe_trains_and_logs_its_aux_loss_and_expert_shares(corpus, tmp_path)
                         "--lr", "1e-2")
     assert summary["val_loss"] < summary["val_loss_before"]
 
-    args = train.parse_args(["--data", str(corpus), "--output-dir", str(out), *TRAIN_ARGS, *moe])
+    args = parse_args(["--data", str(corpus), "--output-dir", str(out), *TRAIN_ARGS, *moe])
     set_seed(args.seed)  # what train() does before it reads the data
-    tokenizer, train_blocks, val_blocks, _ = train.prepare_data(args)
-    config = train.build_config(args, tokenizer)
-    model = train.build_model(config, args, range(config.num_tracks)).train()
-    first = train_blocks[train.BlockSampler(len(train_blocks), args.batch_size, 1, 0, args.seed).indices(0)]
+    tokenizer, train_blocks, val_blocks, _ = prepare_data(args)
+    config = build_config(args, tokenizer)
+    model = init_from_scratch(config, args.seed, range(config.num_tracks)).train()
+    first = train_blocks[BlockSampler(len(train_blocks), args.batch_size, 1, 0, args.seed).indices(0)]
     with torch.no_grad():
         expected = model(input_ids=first, labels=first, use_cache=False)
-    step_1 = next(record for record in train.read_log(out / train.LOG_NAME) if record["step"] == 1)
+    step_1 = next(record for record in read_log(out / LOG_NAME) if record["step"] == 1)
     assert step_1["aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
     assert step_1["loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
 

@@ -27,7 +27,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from helpers import AFM_OPTIONS, SUPPORT, child_env, free_port, llama_config_like, randomize_, require  # noqa: E402
 from modeling_ptt import PTConfig, PTForCausalLM  # noqa: E402
 from modeling_ptt.vllm_ptt import pipeline_stages  # noqa: E402
-from train import train_tokenizer  # noqa: E402
+from modeling_ptt.training.data import train_tokenizer  # noqa: E402
 
 
 ENGINE_TIMEOUT_S = 420  # one engine start (1-2 min on 2 contended cores) and every check run against it

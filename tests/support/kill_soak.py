@@ -31,16 +31,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import checkpoints
 import train
 from helpers import SUPPORT, TESTS, TRAIN_ARGS, child_env, write_small_corpus
+from modeling_ptt.training import checkpoint as checkpoints
+from modeling_ptt.training.train_log import LOG_NAME, read_log
 
 
 # a checkpoint after every step, so that random moments often fall into a save or a rotation
 RUN_ARGS = [*TRAIN_ARGS, "--save-every", "1", "--log-every", "1", "--eval-every", "5", "--eval-blocks", "4"]
+# one process: torch.distributed.checkpoint's one shard of the model's and AdamW's tensors
 CHECKPOINT_FILES = {
-    checkpoints.MANIFEST, checkpoints.MODEL, checkpoints.OPTIMIZER_TENSORS, checkpoints.OPTIMIZER,
-    checkpoints.SCHEDULER, checkpoints.TRAINER_STATE, "rng/rank-0.safetensors",
+    checkpoints.MANIFEST, "shard-00001-model-00001-of-00001.safetensors", checkpoints.SCHEDULE,
+    checkpoints.TRAINER_STATE, "rng/rank-0.safetensors",
 }
 
 
@@ -100,8 +102,8 @@ class Runner:
         started = time.time()
         process.start()
         if kill is not None and kill.phase is None:
-            before = self._wait_for_step(process, output_dir / train.LOG_NAME, kill.step - 1, started)
-            logged = self._wait_for_step(process, output_dir / train.LOG_NAME, kill.step, started)
+            before = self._wait_for_step(process, output_dir / LOG_NAME, kill.step - 1, started)
+            logged = self._wait_for_step(process, output_dir / LOG_NAME, kill.step, started)
             if before is not None and logged is not None:
                 process.join(kill.fraction * (logged - before))
                 if process.exitcode is None:
@@ -188,7 +190,7 @@ def differences(straight: Path, killed: Path) -> list[str]:
                 if name not in expected or name not in got or not torch.equal(expected[name], got[name])]
 
     def losses(run: Path) -> list:
-        return [(r["step"], r["loss"], r["val_loss"]) for r in train.read_log(run / train.LOG_NAME)]
+        return [(r["step"], r["loss"], r["val_loss"]) for r in read_log(run / LOG_NAME)]
 
     if losses(straight) != losses(killed):
         problems.append(f"the logs differ:\n{losses(straight)}\n{losses(killed)}")

@@ -1,9 +1,30 @@
-"""Training checkpoints that a kill at any moment leaves whole, and that load without unpickling anything.
+"""Training checkpoints that a kill at any moment leaves whole, that load without unpickling anything, and that
+resume in any layout: one format for one process, data parallel, FSDP2, track parallel and their mesh.
 
-A checkpoint is a directory `checkpoint-{step}` in the run's output directory. Only a whole one ever has that name:
+    save_checkpoint(output_dir, step, model, optimizer, layout, scheduler=..., state=...)  # collective
+    load_checkpoint(path, model, optimizer, layout, scheduler=...) -> state                 # collective
+    find_resumable(output_dir)      # the newest checkpoint-N with a complete manifest, or None
+    clean_leftovers(output_dir)     # collective; once at start, before find_resumable
+    verify(path)                    # CheckpointError naming the directory and each missing/changed file
 
-1. `save_checkpoint` creates `.saving-checkpoint-{step}` and calls `write_fn(directory)` on every process, which
-   writes that process's files into it (any layout, subdirectories included);
+What a checkpoint holds, each file read with safetensors or JSON, never with pickle:
+
+    *.safetensors          the model's and AdamW's tensors, every rank writing its own shards with
+                           torch.distributed.checkpoint (its sharding in the files' metadata); every tensor is stored
+                           as what it is globally (a rank's tracks as its part of the whole track-stacked tensor), so
+                           any number of ranks in any layout reads back the parts it holds
+    schedule.json          the LR scheduler's state, the optimizer's param groups (learning rates) and an fp16
+                           gradient scaler's state
+    rng/rank-{rank}.safetensors  every process's torch (CPU, CUDA) and numpy generator states; Python's in the
+                           metadata
+    trainer_state.json     the caller's progress (step, data position, ...) and the number of processes
+    manifest.json          every file's size and sha256, written last
+
+A checkpoint is a directory `checkpoint-{step}` in the run's output directory. Only a whole one ever has that name
+(`save_atomically`):
+
+1. it creates `.saving-checkpoint-{step}` and calls `write_fn(directory)` on every process, which writes that
+   process's files into it (any layout, subdirectories included);
 2. the main process fsyncs every file and writes `manifest.json` LAST: every file's size and sha256;
 3. it renames the directory to `checkpoint-{step}` (moving an existing one of that step aside first);
 4. it rotates: every other `checkpoint-*` is renamed to `.deleting-checkpoint-*` and only then deleted.
@@ -12,28 +33,9 @@ Whatever a kill leaves behind carries a dot name that resume ignores, and `clean
 start: a `.deleting-*` is removed, a `.saving-*` is removed unless its manifest was written, in which case it is
 whole and is renamed into place (the kill came between steps 2 and 3).
 
-    save_checkpoint(output_dir, step, write_fn)   # collective; returns the checkpoint's path
-    find_resumable(output_dir)                    # the newest checkpoint-N with a complete manifest, or None
-    verify(path)                                  # CheckpointError naming the directory and each missing/changed file
-    clean_leftovers(output_dir)                   # collective; once at start, before find_resumable
-    write_training_state(...), read_training_state(path, ...)  # the single-process / DDP trainer's own files
-    write_rng_states(directory), read_rng_states(path)         # every process's own generator states
-    write_json(path, value), read_json(directory, name)        # a checkpoint's JSON files, errors naming them
-
-The functions marked collective call `torch.distributed.barrier()` when a process group is initialized and must
-then be called by every process; the main process (rank 0) does the renames and deletions, so `output_dir` must be
-on a filesystem every process sees. `write_fn` may itself be collective (e.g. `torch.distributed.checkpoint.save`).
-
-The trainer's files (`write_training_state`), each read with safetensors or JSON, never with pickle:
-
-    model.safetensors      the unwrapped model's state dict (tied weights stored once)
-    optimizer.safetensors  the optimizer's state tensors, named `{param_index}.{key}`
-    optimizer.json         its param groups and non-tensor state
-    scheduler.json         the LR scheduler's state dict
-    scaler.json            the fp16 gradient scaler's state dict (only with one)
-    rng/rank-{rank}.safetensors  every process's torch (CPU, CUDA) and numpy generator states; Python's in
-                           the metadata
-    trainer_state.json     the caller's progress (step, data position, ...) and the number of processes
+The collective functions call `torch.distributed.barrier()` when a process group is initialized and must then be
+called by every process; the main process (rank 0) does the renames and deletions, so `output_dir` must be on a
+filesystem every process sees.
 
 For tests, the environment variable PTT_CHECKPOINT_KILL_AT=`{phase}@{step}` SIGKILLs the main process when the
 save of `step` reaches `phase` (one of `KILL_PHASES`), the moments in between the steps above.
@@ -53,19 +55,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from .parallelize import Layout, unwrap
 
 
 PREFIX = "checkpoint-"
 SAVING = ".saving-"
 DELETING = ".deleting-"
 MANIFEST = "manifest.json"
-MODEL = "model.safetensors"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER = "optimizer.json"
-SCHEDULER = "scheduler.json"
-SCALER = "scaler.json"
+SCHEDULE = "schedule.json"
 TRAINER_STATE = "trainer_state.json"
 KILL_AT_ENV = "PTT_CHECKPOINT_KILL_AT"
 # before-manifest: files written, no manifest; before-rename: manifest written; before-rotate: renamed into place;
@@ -90,7 +94,7 @@ def checkpoint_step(path: Path) -> int | None:
     return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, write_fn: Callable[[Path], None]) -> Path:
+def save_atomically(output_dir: str | os.PathLike, step: int, write_fn: Callable[[Path], None]) -> Path:
     """Collective: `write_fn(directory)` writes every process's files, then the directory becomes `checkpoint-{step}`
     and every other checkpoint is removed (see the module docstring for why a kill at any moment is safe)."""
     output_dir = Path(output_dir)
@@ -143,7 +147,7 @@ def verify(path: str | os.PathLike, hashes: bool = True) -> dict:
     if not (path / MANIFEST).is_file():
         raise CheckpointError(
             f"checkpoint {path} is incomplete: it has no {MANIFEST}, which a save writes last (the save was "
-            "interrupted, or the directory was not written by scripts/checkpoints.py)"
+            "interrupted, or the directory was not written by modeling_ptt.training.checkpoint)"
         )
     with _reading(path, MANIFEST):
         manifest = json.loads((path / MANIFEST).read_text())
@@ -264,76 +268,113 @@ def _reading(directory: Path, name: str) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except Exception as error:
+    # torch.distributed.checkpoint gathers its ranks' errors into a CheckpointException, a BaseException
+    except (Exception, CheckpointException) as error:
         raise CheckpointError(f"checkpoint {directory}: cannot load {name}: {type(error).__name__}: {error}") from error
 
 
-# ------------------------------------------------------------------------------------------- the trainer's state
+# ------------------------------------------------------------------------------------------- the training state
 
 
-def write_training_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict,
-    scaler: torch.amp.GradScaler | None = None,
-) -> None:
-    """A `write_fn` for `save_checkpoint` (call it on every process): model, optimizer, scheduler, scaler and
-    `state` (JSON: step, data position, ...) from the main process, the RNG states from every process. `model` is
-    unwrapped (not the DDP wrapper); under data parallelism every process holds the same model and optimizer."""
-    rank = _rank()
-    if rank == 0:
-        save_model(model, str(directory / MODEL))
-        tensors, rest = _split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, directory / OPTIMIZER_TENSORS)
-        write_json(directory / OPTIMIZER, rest)
-        write_json(directory / SCHEDULER, scheduler.state_dict())
-        if scaler is not None:
-            write_json(directory / SCALER, scaler.state_dict())
-        write_trainer_state(directory, state)
-    write_rng_states(directory)
+# the files only the single-file format of data-parallel training had (modeling-ptt 0.2.0 and before)
+OLD_FORMAT = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json")
+LAST_OLD_FORMAT_READER = "modeling-ptt 0.2.0"
 
 
-def read_training_state(
-    path: str | os.PathLike,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict:
-    """Load what `write_training_state` wrote into the given objects (on every process; `model` unwrapped) and
-    return its `state`. The checkpoint is verified first, hashes included; every error names the directory and the
-    file."""
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, layout: Layout, scheduler=None, state: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Collective: the model (as `parallelize_ptt` returned it), its AdamW state, the scheduler, an fp16 scaler,
+    every process's generator states and `state` (JSON: step, data position, ...) as `checkpoint-{step}` in
+    `output_dir`, whole after a kill at any moment. Returns its path."""
+    def write(directory: Path) -> None:
+        with _one_process_is_fine():
+            dcp.save(_tensors(model, optimizer, layout),
+                     storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+        write_rng_states(directory)
+        if layout.is_main_process:
+            groups = [{key: value for key, value in group.items() if key != "params"}
+                      for group in optimizer.param_groups]
+            write_json(directory / SCHEDULE, {
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "param_groups": groups,
+                "scaler": scaler.state_dict() if scaler is not None else None})
+            write_trainer_state(directory, {"step": step, **(state or {})})
+
+    return save_atomically(output_dir, step, write)
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    layout: Layout, scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Collective: load what `save_checkpoint` wrote, by any number of processes in any layout (each reads the parts
+    of the tensors it holds), into the given objects; return its `state` (with `step`). The checkpoint is verified
+    first, hashes included; every error names the directory and the file."""
     path = Path(path)
     files = verify(path)["files"]
-
-    def file(name: str) -> Path:
+    if SCHEDULE not in files and set(OLD_FORMAT) <= set(files):
+        raise CheckpointError(
+            f"checkpoint {path} is in the single-file format of data-parallel training ({', '.join(OLD_FORMAT)}), "
+            f"which {LAST_OLD_FORMAT_READER} is the last version to read: finish or export the run with that version "
+            "(pip install modeling-ptt==0.2.0), or start it again")
+    for name in (SCHEDULE, TRAINER_STATE):
         if name not in files:
-            raise CheckpointError(
-                f"checkpoint {path} has no {name} (it holds {', '.join(sorted(files))}): it was not written by "
-                f"write_training_state{' with a gradient scaler' if name == SCALER else ''}"
-            )
-        return path / name
-
-    with _reading(path, TRAINER_STATE):
-        state = json.loads(file(TRAINER_STATE).read_text())
-    with _reading(path, MODEL):
-        device = next(model.parameters()).device
-        load_model(model, file(MODEL), strict=True, device=str(device))
-    with _reading(path, OPTIMIZER_TENSORS):
-        tensors = load_file(file(OPTIMIZER_TENSORS))
-    with _reading(path, OPTIMIZER):
-        rest = json.loads(file(OPTIMIZER).read_text())
-        optimizer.load_state_dict(_join_optimizer_state(tensors, rest, optimizer.state_dict()))
-    with _reading(path, SCHEDULER):
-        scheduler.load_state_dict(json.loads(file(SCHEDULER).read_text()))
-    if scaler is not None:
-        with _reading(path, SCALER):
-            scaler.load_state_dict(json.loads(file(SCALER).read_text()))
+            raise CheckpointError(f"checkpoint {path} has no {name} (it holds {', '.join(sorted(files))}): it was "
+                                  "not written by save_checkpoint")
+    with _reading(path, "its model and optimizer shards (*.safetensors)"), _one_process_is_fine():
+        dcp.load(_tensors(model, optimizer, layout), storage_reader=HuggingFaceStorageReader(str(path)))
+    schedule = read_json(path, SCHEDULE)
+    with _reading(path, SCHEDULE):
+        if scheduler is not None:
+            scheduler.load_state_dict(schedule["scheduler"])
+        for group, saved in zip(optimizer.param_groups, schedule["param_groups"], strict=True):
+            group.update(saved)
+        if scaler is not None:
+            scaler.load_state_dict(schedule["scaler"])
     read_rng_states(path)
+    state = read_json(path, TRAINER_STATE)
     del state["num_processes"]
     return state
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every save and load without a process group that it assumes one
+    process: that is what such a job is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout) -> dict[str, torch.Tensor]:
+    """The model's and AdamW's tensors by name, each as it is globally (`_global_view`). They share storage with the
+    live ones: loading into them loads the model and the optimizer."""
+    if isinstance(model, FSDPModule):
+        model.reshard()  # FSDP2 keeps the root's parameters gathered after a forward: back to the shards
+    model = unwrap(model)
+    track_names = set(model.track_stacked_parameter_names())
+    named = dict(model.named_parameters())
+    tensors = {f"model.{name}": _global_view(param, name in track_names, layout) for name, param in named.items()}
+    for name, param in named.items():
+        if not optimizer.state[param]:  # a fresh AdamW creates its state at the first step: create it now
+            optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param.detach()),
+                                          exp_avg_sq=torch.zeros_like(param.detach()))
+        for key, value in optimizer.state[param].items():
+            tensors[f"optimizer.{name}.{key}"] = _global_view(value, name in track_names, layout)
+    return tensors
+
+
+def _global_view(tensor: torch.Tensor, is_track_stacked: bool, layout: Layout) -> torch.Tensor:
+    """A rank's track slice as its `Shard(0)` of a DTensor over the "tracks" axis (so a checkpoint holds every
+    tensor whole, whatever W wrote it), an FSDP2 shard as its own DTensor, and an FSDP2 shard of a track slice as a
+    DTensor over both axes."""
+    tensor = tensor.detach()
+    if layout.track_parallel == 1 or not is_track_stacked or tensor.dim() == 0:
+        return tensor
+    if not isinstance(tensor, DTensor):
+        return DTensor.from_local(tensor, layout.mesh["tracks"], [Shard(0)], run_check=False)
+    # FSDP2's rows of the rank's tracks: the same rows of all tracks are spread over the "tracks" axis
+    shape = torch.Size([tensor.shape[0] * layout.track_parallel, *tensor.shape[1:]])
+    return DTensor.from_local(tensor.to_local(), layout.mesh, [Shard(1), Shard(0)], run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
@@ -391,33 +432,6 @@ def write_json(path: Path, value) -> None:
     except TypeError as error:  # e.g. a tensor-valued learning rate: say what could not be stored
         raise CheckpointError(f"cannot store {path.name} as JSON: {error}") from None
     path.write_text(text)
-
-
-def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """`Optimizer.state_dict()` -> (its state tensors by `{param_index}.{key}`, everything else for JSON)."""
-    tensors, scalars = {}, {}
-    for index, values in state_dict["state"].items():
-        scalars[str(index)] = {}
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
-            else:
-                scalars[str(index)][key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "state": scalars}
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict, current: dict) -> dict:
-    """The inverse of `_split_optimizer_state`. JSON turns tuples (AdamW's betas) into lists: give them back the
-    types the optimizer's own groups have."""
-    state = {int(index): dict(values) for index, values in rest["state"].items()}
-    for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    groups = []
-    for index, group in enumerate(rest["param_groups"]):  # a count mismatch is load_state_dict's error to raise
-        own = current["param_groups"][index] if index < len(current["param_groups"]) else {}
-        groups.append({key: tuple(value) if isinstance(own.get(key), tuple) else value for key, value in group.items()})
-    return {"state": state, "param_groups": groups}
 
 
 def _save_rng_states(path: Path) -> None:
