@@ -440,6 +440,9 @@ def load_track_parallel(model_class, path: str, world_size: int, kwargs: dict):
         config, kwargs = model_class.config_class.from_pretrained(
             config if config is not None else path, return_unused_kwargs=True, **hub_kwargs, **kwargs
         )
+    if kwargs.get("quantization_config") is not None or getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{path}: track parallelism loads full-precision checkpoints; quantized weights load in one "
+                         "process (quantization_config without tp_size/distributed_config)")
     if kwargs:
         raise TypeError(f"from_pretrained with track parallelism does not support {sorted(kwargs)}")
     if attn_implementation is not None:

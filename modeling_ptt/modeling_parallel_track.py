@@ -44,6 +44,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
+    LlamaForCausalLM,
     LlamaModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -58,14 +59,21 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ptt import MODEL_MODULE, PTConfig, check_sync_schedule
-from .conversion_ptt import llama_state_dict_to_tracks, pt_config_from_llama
+from .conversion_ptt import (
+    llama_config_from_pt,
+    llama_state_dict_to_tracks,
+    pt_config_from_llama,
+    tracks_state_dict_to_llama,
+)
 from .distributed_ptt import (
+    HUB_KWARGS,
     DispatchToRanks,
     MergeAcrossRanks,
     check_safetensors_checkpoint,
     load_track_parallel,
     track_parallel_size,
 )
+from .quantization_ptt import check_quantization_method, quantize_track_weights
 
 
 logger = logging.get_logger(__name__)
@@ -87,6 +95,8 @@ MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": cre
 CPU_DECODE_MAX_ROWS = 4
 # From this many rows on, every matmul form runs alike: an expert skips the transposing copies of the decoding form.
 CPU_EXPERT_PLAIN_MIN_ROWS = 16
+# What a track weight is unless a quantizer replaced it (see quantization_ptt)
+PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 
 
 def deprecate_old_cache_keyword(forward: Callable) -> Callable:
@@ -132,7 +142,13 @@ class PTTrackLinear(nn.Module):
 
     def forward(self, tracks: torch.Tensor) -> torch.Tensor:
         flat = tracks.reshape(tracks.shape[0], -1, self.in_features)
-        if flat.device.type == "cpu" and not is_traced() and flat.shape[1] <= CPU_DECODE_MAX_ROWS:
+        if type(self.weight) not in PLAIN_TENSOR_TYPES:
+            # a quantizer's tensor subclass (torchao's): it computes a linear map of one 2-D slice, not a bmm
+            out = torch.stack([
+                nn.functional.linear(rows, self.weight[track], None if self.bias is None else self.bias[track])
+                for track, rows in enumerate(flat)
+            ])
+        elif flat.device.type == "cpu" and not is_traced() and flat.shape[1] <= CPU_DECODE_MAX_ROWS:
             out = cpu_decode_linear(flat, self.weight, self.bias)
         elif self.bias is None:
             out = torch.bmm(flat, self.weight.transpose(1, 2))
@@ -619,11 +635,19 @@ class PTPreTrainedModel(PreTrainedModel):
         Either way a truncated or corrupt safetensors file, or one of the model's weights stored as integers or
         booleans, is refused before any weight loads, with an error that names the file (and the tensor). Tensors
         the model does not have are reported as unexpected and left unloaded, as transformers does.
+
+        `quantization_config=TorchAoConfig(...)` quantizes the track projections as transformers quantizes a Llama's
+        linear layers, and a model so quantized saves and reloads; other quantization methods, which know `nn.Linear`
+        only, are refused, naming the track weights they would leave in full precision (see `quantization_ptt`).
         """
         world_size = track_parallel_size(kwargs)
         if world_size is None:
+            hub_kwargs = {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+            check_quantization_method(cls, pretrained_model_name_or_path, kwargs, hub_kwargs, PTTrackLinear)
             check_safetensors_checkpoint(cls, pretrained_model_name_or_path, kwargs)
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            quantize_track_weights(loaded[0] if isinstance(loaded, tuple) else loaded, PTTrackLinear, PTExperts)
+            return loaded
         if model_args:
             raise TypeError("from_pretrained with track parallelism takes no positional model arguments")
         return load_track_parallel(cls, pretrained_model_name_or_path, world_size, kwargs)
@@ -819,6 +843,18 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
         model.load_state_dict(llama_state_dict_to_tracks(llama_model.state_dict(), num_tracks), strict=True)
         return model.train(llama_model.training)
+
+    def to_llama(self) -> LlamaForCausalLM:
+        """The `LlamaForCausalLM` this model is, when it is a dense model: one track, or `from_llama`'s tensor-parallel
+        layout (see `conversion_ptt`). Raises, naming the field or tensor, when it is not."""
+        if not self.holds_all_tracks:
+            raise ValueError("This process holds only its own tracks (track-parallel load): convert in one process")
+        config = llama_config_from_pt(self.config)
+        config._attn_implementation = self.config._attn_implementation
+        state_dict = tracks_state_dict_to_llama(self.state_dict(), self.config.num_tracks)
+        llama = LlamaForCausalLM(config).to(dtype=self.dtype, device=self.device)
+        llama.load_state_dict(state_dict, strict=True)
+        return llama.train(self.training)
 
     def generate(self, *args, **kwargs):
         r"""

@@ -102,6 +102,16 @@ class PTTrackLoraLinear(LoraLinear):
         if lora_B.bias is not None:
             nn.init.zeros_(lora_B.bias)
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        weight = self.get_base_layer().weight
+        if type(weight) is not nn.Parameter:
+            raise ValueError(
+                f"Cannot merge a LoRA adapter into a quantized track weight ({type(weight).__name__}): load the base "
+                "model without quantization_config, merge_and_unload() there, save the merged model and load that "
+                "with the quantization_config."
+            )
+        super().merge(safe_merge, adapter_names)
+
     def _check_forward_args(self, x: torch.Tensor, *args, **kwargs) -> None:
         super()._check_forward_args(x.transpose(0, 1), *args, **kwargs)  # PEFT counts samples in dim 0
 

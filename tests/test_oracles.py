@@ -151,6 +151,31 @@ def test_from_llama_refuses_a_track_count_that_does_not_divide_the_heads():
         PTForCausalLM.from_llama(tiny_llama(), num_tracks=3)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_to_llama_is_from_llama_inverted_and_a_one_track_model_is_its_llama(bias, input_ids):
+    llama = tiny_llama(attention_bias=bias, mlp_bias=bias)
+    back = PTForCausalLM.from_llama(llama, num_tracks=4).to_llama()
+    assert type(back) is LlamaForCausalLM
+    for name, tensor in llama.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, atol=1e-6, rtol=0, msg=name)
+    one_track = tiny_model(num_tracks=1, attention_bias=bias, mlp_bias=bias)  # block mode: one track is dense anyway
+    with torch.no_grad():
+        torch.testing.assert_close(one_track.to_llama()(input_ids).logits, one_track(input_ids).logits,
+                                   atol=ATOL, rtol=0)
+
+
+def test_to_llama_refuses_a_model_that_is_not_dense():
+    with pytest.raises(ValueError, match="num_tracks=4 with sync_mode='track_block'"):
+        tiny_model().to_llama()
+    with pytest.raises(ValueError, match="PTConfig.qk_norm=True"):
+        tiny_model(num_tracks=1, qk_norm=True).to_llama()
+    model = PTForCausalLM.from_llama(tiny_llama(), num_tracks=2)
+    with torch.no_grad():  # e.g. after training in tensor-parallel mode: each track's norm learns on its own
+        model.model.layers[1].post_attention_layernorm.weight[0] += 0.1
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.post_attention_layernorm\.weight: the 2 tracks"):
+        model.to_llama()
+
+
 def test_convert_llama_script(tmp_path, input_ids):
     llama = tiny_llama()
     llama.save_pretrained(tmp_path / "llama")
