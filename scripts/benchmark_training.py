@@ -5,6 +5,9 @@
 
   - track_parallel: `--track-parallel W` with the model's own track blocks (D, default 8): every rank holds n/W
     tracks, 2*ceil(L/D) merge/dispatch all_reduces per micro-batch;
+  - no_sync_bound: the same with D=L, the tracks merged only after the last layer (2 all_reduces per micro-batch):
+    the least communication track parallelism can do, so what is left of its step time is compute. It is the
+    bound track_parallel is measured against (how much its merges every D layers cost), not a model to train;
   - tensor_parallel: the same, with `sync_mode="tensor_parallel"` (dense maths, Megatron's placement): 4L;
   - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
 
@@ -14,7 +17,8 @@ step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a 
 `allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
 weights, gradients and AdamW state and the peak memory: on CUDA the peak allocated, on Linux CPUs the growth of the
 peak resident set over the variant's start (the kernel's peak count is restarted for every variant, after what the
-previous one freed went back to the OS). Ratios are against tensor_parallel in the same run.
+previous one freed went back to the OS). Ratios are against tensor_parallel and, when measured, no_sync_bound in
+the same run.
 """
 
 import argparse
@@ -37,14 +41,14 @@ from modeling_ptt import PTConfig
 from parallel import MeshParallel, init_from_scratch
 
 
-VARIANTS = ("track_parallel", "tensor_parallel", "data_parallel")
+VARIANTS = ("track_parallel", "no_sync_bound", "tensor_parallel", "data_parallel")
 
 
 def model_config(args, variant: str) -> PTConfig:
     return PTConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        num_tracks=args.num_tracks, track_block_depth=args.depth,
+        num_tracks=args.num_tracks, track_block_depth=args.layers if variant == "no_sync_bound" else args.depth,
         sync_mode="tensor_parallel" if variant == "tensor_parallel" else "track_block",
     )
 
@@ -137,14 +141,15 @@ def measure(args, variant: str, world_size: int) -> dict:
 def markdown(results: dict, args, world_size: int) -> str:
     base_result = results["tensor_parallel"]
     base = base_result["step_s"]
+    bound = results["no_sync_bound"]["step_s"] if "no_sync_bound" in results else None
     lines = [
         f"Training step, W={world_size} processes, L={args.layers}, d={args.hidden_size}, FFN {args.intermediate_size},"
         f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
         f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
         "",
-        "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step "
+        "| variant | step (s) | vs tensor_parallel | vs no_sync_bound | tokens/s | collectives per step "
         "| MiB per rank (weights+grads+AdamW) | peak MiB per rank |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         counts = ", ".join(f"{op.split('.')[-1]} {n}" for op, n in sorted(r["collectives_per_step"].items())) or "-"
@@ -152,7 +157,9 @@ def markdown(results: dict, args, world_size: int) -> str:
             counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
         mib = sum(r["bytes_per_rank"].values()) / 2**20
         peak = r.get("peak_allocated_bytes", r.get("peak_resident_growth_bytes"))
-        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {r['tokens_per_s']:.0f} | {counts} "
+        versus_bound = "-" if bound is None else f"{r['step_s'] / bound:.3f}x"
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {versus_bound} "
+                     f"| {r['tokens_per_s']:.0f} | {counts} "
                      f"| {mib:.0f} | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
     peak_kind = "CUDA's peak allocated memory" if "peak_allocated_bytes" in base_result else \
         "the growth of the peak resident set over the variant's start (rank 0; the first variant also pays the " \
