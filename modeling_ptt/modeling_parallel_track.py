@@ -752,6 +752,9 @@ class PTModel(PTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # the masks search position ids for packed sequences, reading them (a host sync every training step): the ones
+        # made here hold one sequence per row, so only the caller's are given to them
+        mask_position_ids = position_ids
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -760,7 +763,7 @@ class PTModel(PTPreTrainedModel):
         if isinstance(attention_mask, dict):  # one mask per layer type, already made (static cache, paged cache)
             causal_masks = attention_mask
         else:  # the cache is passed by position: its keyword is `cache` or `past_key_values` by version
-            mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
+            mask_args = (self.config, inputs_embeds, attention_mask, cache, mask_position_ids)
             causal_masks = {kind: MASK_FUNCTIONS[kind](*mask_args) for kind in set(self.config.layer_types)}
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         sync = self.track_sync
