@@ -167,8 +167,9 @@ def test_a_preset_is_its_flags_and_explicit_flags_win(preset, extra):
 
 def test_training_benchmark_counts_collectives_and_state_per_rank(tmp_path):
     """scripts/benchmark_training.py on 2 gloo ranks, tiny shape: every variant reported; per optimizer step
-    2*ceil(L/D) + 1 all_reduces track-parallel, 2 + 1 for the no-sync bound (D=L), 4L + 1 in tensor_parallel mode (+1: the clipping norm), DDP's
-    buckets data-parallel; a track rank holds exactly half of the track-stacked weights plus all the shared ones."""
+    2*ceil(L/D) + 1 all_reduces track-parallel, 2 + 1 for the no-sync bound (D=L), 4L + 1 in tensor_parallel mode
+    (+1: the clipping norm), DDP's buckets data-parallel; a track rank holds exactly half of the track-stacked
+    weights plus all the shared ones."""
     layers, depth = 4, 3
     prefix = tmp_path / "training"
     run_launcher([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2",
