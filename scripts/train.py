@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 import checkpoints
-from modeling_ptt import PTConfig, PTForCausalLM
+from modeling_ptt import PTConfig, PTForCausalLM, check_batch
 from parallel import DataParallel, MeshParallel, check_layout, init_from_scratch
 from script_io import read_json_file
 
@@ -514,6 +514,7 @@ def train(args) -> dict:
     val_blocks = val_blocks[: args.eval_blocks] if args.eval_blocks else val_blocks
     unigram_ppl = unigram_perplexity(train_blocks, val_blocks, len(tokenizer))
     config = build_config(args, tokenizer)
+    check_batch(config, train_blocks)  # every batch's ids (= labels) on the CPU: a training forward on a GPU reads none
     model = build_model(config, args, parallel.track_range(config.num_tracks)).to(parallel.device)
     num_parameters = count_parameters(model, config.num_tracks)
     optimizer = build_optimizer(model, args)
