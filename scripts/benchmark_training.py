@@ -12,12 +12,14 @@
   - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
 
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
-`parallel.py`. Reported per variant, medians over the measured steps: step time, tokens/s, the collectives one
-step runs (counted at the dispatcher; DDP runs its bucket all_reduces through a communication hook, the default
-`allreduce_hook`, so that they reach the dispatcher, and the hook also counts them), and per rank the bytes of
-weights, gradients and AdamW state and the peak memory: on CUDA the peak allocated, on Linux CPUs the growth of the
-peak resident set over the variant's start (the kernel's peak count is restarted for every variant, after what the
-previous one freed went back to the OS). Ratios are against tensor_parallel and, when measured, no_sync_bound in
+`parallel.py`. The variants are built and warmed up one after the other and then timed in turns, one step of each
+per round, so that a load from other jobs that changes during the run falls on all of them alike. Reported per
+variant, medians over the measured steps: step time, tokens/s, the collectives one step runs (counted at the
+dispatcher; DDP runs its bucket all_reduces through a communication hook, the default `allreduce_hook`, so that
+they reach the dispatcher, and the hook also counts them), and per rank the bytes of weights, gradients and AdamW
+state and the peak memory of building and warming up the variant, as growth over its start: on CUDA of the peak
+allocated, on Linux CPUs of the peak resident set (the kernel's peak count is restarted for every variant, after
+what was freed went back to the OS). Ratios are against tensor_parallel and, when measured, no_sync_bound in
 the same run.
 """
 
@@ -74,11 +76,15 @@ def restart_peak_resident() -> int | None:
     return resident_bytes("VmRSS")
 
 
-def measure(args, variant: str, world_size: int) -> dict:
+def prepare(args, variant: str, world_size: int) -> tuple:
+    """Build and warm up `variant`; its step function and what was measured of it (all but the step time)."""
     resident_at_start = restart_peak_resident()
     config = model_config(args, variant)
     track_parallel = 1 if variant == "data_parallel" else world_size
     parallel = MeshParallel(track_parallel, shard=False, mixed_precision="no", gradient_accumulation_steps=1)
+    if parallel.device.type == "cuda":
+        reset_peak_memory(parallel.device)
+        allocated_at_start = torch.cuda.memory_allocated(parallel.device)
     model = init_from_scratch(config, args.seed, parallel.track_range(config.num_tracks)).to(parallel.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = parallel.prepare(model, optimizer)
@@ -109,33 +115,38 @@ def measure(args, variant: str, world_size: int) -> dict:
         step()
     with CollectiveCounter() as counter:
         step()
-    if parallel.device.type == "cuda":
-        reset_peak_memory(parallel.device)
-    times = []
-    for _ in range(args.steps):
-        dist.barrier()
-        started = time.perf_counter()
-        step()
-        if parallel.device.type == "cuda":
-            torch.cuda.synchronize(parallel.device)
-        dist.barrier()
-        times.append(time.perf_counter() - started)
     result = {
-        "step_s": statistics.median(times),
-        "step_s_all": times,
-        "tokens_per_s": args.batch * args.seq_len / statistics.median(times),
         "collectives_per_step": dict(counter.ops),
         "bytes_per_rank": state_bytes(model, optimizer),
         "merges_per_forward": config.num_sync_points if track_parallel > 1 else 0,
     }
     if buckets is not None:
-        result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
+        result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.warmup + 1)
     if parallel.device.type == "cuda":
-        result["peak_allocated_bytes"] = peak_memory_bytes(parallel.device)
+        result["peak_allocated_growth_bytes"] = peak_memory_bytes(parallel.device) - allocated_at_start
     elif resident_at_start is not None:
         result["peak_resident_growth_bytes"] = peak_memory_bytes(parallel.device) - resident_at_start
-    del model, optimizer
-    return result
+    return step, parallel.device, result
+
+
+def measure(args, variants: list[str], world_size: int) -> dict:
+    prepared = {variant: prepare(args, variant, world_size) for variant in variants}
+    times = {variant: [] for variant in variants}
+    for _ in range(args.steps):
+        for variant, (step, device, _) in prepared.items():
+            dist.barrier()
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dist.barrier()
+            times[variant].append(time.perf_counter() - started)
+    results = {}
+    for variant, (_, _, result) in prepared.items():
+        median = statistics.median(times[variant])
+        results[variant] = {"step_s": median, "step_s_all": times[variant],
+                            "tokens_per_s": args.batch * args.seq_len / median, **result}
+    return results
 
 
 def markdown(results: dict, args, world_size: int) -> str:
@@ -145,7 +156,7 @@ def markdown(results: dict, args, world_size: int) -> str:
     lines = [
         f"Training step, W={world_size} processes, L={args.layers}, d={args.hidden_size}, FFN {args.intermediate_size},"
         f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
-        f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
+        f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps, the variants timed in turns.",
         "",
         "| variant | step (s) | vs tensor_parallel | vs no_sync_bound | tokens/s | collectives per step "
         "| MiB per rank (weights+grads+AdamW) | peak MiB per rank |",
@@ -156,15 +167,15 @@ def markdown(results: dict, args, world_size: int) -> str:
         if "ddp_bucket_all_reduces_per_step" in r:
             counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
         mib = sum(r["bytes_per_rank"].values()) / 2**20
-        peak = r.get("peak_allocated_bytes", r.get("peak_resident_growth_bytes"))
+        peak = r.get("peak_allocated_growth_bytes", r.get("peak_resident_growth_bytes"))
         versus_bound = "-" if bound is None else f"{r['step_s'] / bound:.3f}x"
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {versus_bound} "
                      f"| {r['tokens_per_s']:.0f} | {counts} "
                      f"| {mib:.0f} | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
-    peak_kind = "CUDA's peak allocated memory" if "peak_allocated_bytes" in base_result else \
-        "the growth of the peak resident set over the variant's start (rank 0; the first variant also pays the " \
-        "runtime's one-time allocations)"
-    return "\n".join([*lines, "", f"Peak: {peak_kind}."]) + "\n"
+    peak_kind = "the growth of CUDA's peak allocated memory" if "peak_allocated_growth_bytes" in base_result else \
+        "the growth of the peak resident set (rank 0; the first variant also pays the runtime's one-time allocations)"
+    return "\n".join([*lines, "", f"Peak: {peak_kind} over the variant's start, while it is built and warmed up."]) \
+        + "\n"
 
 
 def main():
@@ -183,7 +194,7 @@ def main():
         parser.error("--variants must include tensor_parallel: the ratios are taken against it")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world_size = dist.get_world_size()
-    results = {variant: measure(args, variant, world_size) for variant in args.variants}
+    results = measure(args, args.variants, world_size)
     if dist.get_rank() == 0:
         table = markdown(results, args, world_size)
         print(table)
