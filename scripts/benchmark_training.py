@@ -113,6 +113,8 @@ def prepare(args, variant: str, world_size: int) -> tuple:
 
     for _ in range(args.warmup):
         step()
+    if buckets is not None:  # DDP rebuilds its buckets after the first step: count those of the counted one
+        buckets["count"] = 0
     with CollectiveCounter() as counter:
         step()
     result = {
@@ -121,7 +123,7 @@ def prepare(args, variant: str, world_size: int) -> tuple:
         "merges_per_forward": config.num_sync_points if track_parallel > 1 else 0,
     }
     if buckets is not None:
-        result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.warmup + 1)
+        result["ddp_bucket_all_reduces_per_step"] = buckets["count"]
     if parallel.device.type == "cuda":
         result["peak_allocated_growth_bytes"] = peak_memory_bytes(parallel.device) - allocated_at_start
     elif resident_at_start is not None:
