@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from modeling_ptt import PTConfig
+from modeling_ptt import PTConfig, check_batch
 from modeling_ptt.training import (Layout, clip_grad_norm_, find_resumable, init_from_scratch, load_checkpoint,
                                    parallelize_ptt, save_checkpoint)
 
@@ -17,6 +17,7 @@ layout = Layout(int(sys.argv[2]) if len(sys.argv) > 2 else 1, config.num_tracks,
 model = parallelize_ptt(init_from_scratch(config, seed=0, tracks=layout.tracks).to(layout.device), layout)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 data = torch.randint(0, config.vocab_size, (8, 4, 32), generator=torch.Generator().manual_seed(0))  # 8 steps x 4
+check_batch(config, data.flatten(0, 1))  # bad ids fail here, on the CPU: a training forward on a GPU reads none
 
 resumable = find_resumable(output_dir)  # the newest whole checkpoint: a kill at any moment leaves one
 start = load_checkpoint(resumable, model, optimizer, layout)["step"] if resumable else 0

@@ -7,11 +7,11 @@ Importing the package registers `model_type="ptt"` with the Auto classes, so a s
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ptt import PTConfig
-from .modeling_parallel_track import PTForCausalLM, PTModel, PTPreTrainedModel
+from .modeling_parallel_track import PTForCausalLM, PTModel, PTPreTrainedModel, check_batch
 
 
 AutoConfig.register(PTConfig.model_type, PTConfig, exist_ok=True)
 AutoModel.register(PTConfig, PTModel, exist_ok=True)
 AutoModelForCausalLM.register(PTConfig, PTForCausalLM, exist_ok=True)
 
-__all__ = ["PTConfig", "PTModel", "PTForCausalLM", "PTPreTrainedModel"]
+__all__ = ["PTConfig", "PTModel", "PTForCausalLM", "PTPreTrainedModel", "check_batch"]

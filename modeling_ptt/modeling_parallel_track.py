@@ -489,7 +489,9 @@ class PTDecoderLayer(GradientCheckpointingLayer):
 # --- input checks: a clear ValueError naming the argument instead of an IndexError, a reshape error or a CUDA
 # device-side assert deep inside the forward, or (for a mask that does not fit) a silently wrong answer. Shapes are
 # checked on every call, for free. Token ids are read only where that costs one host sync per prompt, not per token:
-# at generate()'s entry and on a forward with an empty cache (prefill, training), never while torch.compile traces.
+# at generate()'s entry and on a forward with an empty cache (prefill), never while torch.compile traces. A training
+# forward reads them only from host memory (no sync); on an accelerator a read would stall every step, so training
+# loops check each batch with `check_batch` while it is still on the CPU.
 # Every rank of a track-parallel model holds the same inputs, so every rank raises the same error.
 
 
@@ -504,11 +506,19 @@ def cached_length(cache: Cache | None) -> int | None:
     return length if isinstance(length, int) else None
 
 
-def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
-    """Every id of `ids` in `[0, vocab_size)` (or `ignore_index`); one host sync."""
+def reads_token_ids(module: nn.Module, ids: torch.Tensor | None) -> bool:
+    """Whether `module`'s forward reads the values of `ids`: not in training (grad enabled) on an accelerator, where
+    the read is a host sync that stalls every step; tensors in host memory are read without one."""
+    return ids is not None and not (module.training and torch.is_grad_enabled() and ids.device.type != "cpu")
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None,
+                    read_values: bool = True) -> None:
+    """Every id of `ids` in `[0, vocab_size)` (or `ignore_index`), one host sync; only the dtype without
+    `read_values`."""
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name} has dtype {ids.dtype}: token ids are integers (torch.long)")
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+    if not read_values or torch.compiler.is_compiling() or ids.numel() == 0:
         return
     valid = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
     low, high = torch.stack(valid.aminmax()).tolist()
@@ -525,8 +535,10 @@ def check_inputs(
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | dict | None,
     cache: Cache | None,
+    read_ids: bool = True,
 ) -> None:
     """The forward's inputs (exactly one of `input_ids`, `inputs_embeds`); `cache` holds what came before them.
+    Without `read_ids` the values of `input_ids` are not read (see `reads_token_ids`).
 
     A 2-D `attention_mask` is the padding mask of the cached tokens followed by the new ones: `(batch, cached + new)`.
     The prepared forms transformers itself passes (4-D masks, a dict per layer type) are its own business.
@@ -550,12 +562,13 @@ def check_inputs(
                              f"{expected_length}): one row per sequence of {name} {tuple(tokens.shape)} and one "
                              f"column per token ({cached})")
     if input_ids is not None and past == 0:  # prefill or training; decoding steps were checked at their prefill
-        check_token_ids("input_ids", input_ids, config.vocab_size)
+        check_token_ids("input_ids", input_ids, config.vocab_size, read_values=read_ids)
 
 
 def check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                 vocab_size: int) -> None:
-    """One target per input token (the loss shifts them itself), each a token id or -100 (ignored)."""
+                 vocab_size: int, read_values: bool = True) -> None:
+    """One target per input token (the loss shifts them itself), each a token id or -100 (ignored); the ids only with
+    `read_values`."""
     if labels is None:
         return
     tokens = input_ids if input_ids is not None else inputs_embeds
@@ -563,7 +576,14 @@ def check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor | None, in
         name = "input_ids" if input_ids is not None else "inputs_embeds"
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(tokens.shape[:2])}, the (batch, "
                          f"sequence_length) of {name}: one target per input token (the loss shifts them)")
-    check_token_ids("labels", labels, vocab_size, ignore_index=-100)
+    check_token_ids("labels", labels, vocab_size, ignore_index=-100, read_values=read_values)
+
+
+def check_batch(config: PTConfig, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """A training batch's token ids and labels, with the forward's errors: call it once per batch while the batch is
+    still on the CPU (a training forward on an accelerator reads no values: that host sync would stall every step)."""
+    check_inputs(config, input_ids, None, None, None)
+    check_labels(labels, input_ids, None, config.vocab_size)
 
 
 def check_generate_inputs(config: PTConfig, generation_config, args: tuple, kwargs: dict) -> None:
@@ -767,7 +787,7 @@ class PTModel(PTPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         self.check_sync_schedule()
         cache = cache if cache is not None else past_key_values
-        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, reads_token_ids(self, input_ids))
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -776,6 +796,9 @@ class PTModel(PTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # the masks search position ids for packed sequences, reading them (a host sync every training step): the ones
+        # made here hold one sequence per row, so only the caller's are given to them
+        mask_position_ids = position_ids
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -784,7 +807,7 @@ class PTModel(PTPreTrainedModel):
         if isinstance(attention_mask, dict):  # one mask per layer type, already made (static cache, paged cache)
             causal_masks = attention_mask
         else:  # the cache is passed by position: its keyword is `cache` or `past_key_values` by version
-            mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
+            mask_args = (self.config, inputs_embeds, attention_mask, cache, mask_position_ids)
             causal_masks = {kind: MASK_FUNCTIONS[kind](*mask_args) for kind in set(self.config.layer_types)}
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         sync = self.track_sync
@@ -895,7 +918,7 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
         `labels` are given, so training balances the experts without `output_router_logits=True`; `aux_loss` is
         also returned when router logits are asked for.
         """
-        check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
+        check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size, reads_token_ids(self, labels))
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -948,4 +971,4 @@ class PTForCausalLM(PTPreTrainedModel, GenerationMixin):
 PTModel.register_for_auto_class("AutoModel")
 PTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["PTPreTrainedModel", "PTModel", "PTForCausalLM"]
+__all__ = ["PTPreTrainedModel", "PTModel", "PTForCausalLM", "check_batch"]

@@ -5,17 +5,22 @@
 
   - track_parallel: `--track-parallel W` with the model's own track blocks (D, default 8): every rank holds n/W
     tracks, 2*ceil(L/D) merge/dispatch all_reduces per micro-batch;
+  - no_sync_bound: the same with D=L, the tracks merged only after the last layer (2 all_reduces per micro-batch):
+    the least communication track parallelism can do, so what is left of its step time is compute. It is the
+    bound track_parallel is measured against (how much its merges every D layers cost), not a model to train;
   - tensor_parallel: the same, with `sync_mode="tensor_parallel"` (dense maths, Megatron's placement): 4L;
   - data_parallel: every rank holds the whole model, reads 1/W of the batch, and DDP averages the gradients.
 
 Each step is one AdamW step over the same global batch with gradient clipping, through the training code of
-`modeling_ptt.training` (`Layout`, `parallelize_ptt`, `clip_grad_norm_`). Reported per variant, medians over the
-measured steps: step time, tokens/s, the collectives one step runs (counted at the dispatcher; DDP runs its bucket
-all_reduces through a communication hook, the default `allreduce_hook`, so that they reach the dispatcher, and the
-hook also counts them), and per rank the bytes of weights, gradients and AdamW state and the peak memory: on CUDA
-the peak allocated, on Linux CPUs the growth of the peak resident set over the variant's start (the kernel's peak
-count is restarted for every variant, after what the previous one freed went back to the OS). Ratios are against
-tensor_parallel in the same run.
+`modeling_ptt.training` (`Layout`, `parallelize_ptt`, `clip_grad_norm_`). The variants are built and warmed up one after the other and then timed in turns, one step of each
+per round, so that a load from other jobs that changes during the run falls on all of them alike. Reported per
+variant, medians over the measured steps: step time, tokens/s, the collectives one step runs (counted at the
+dispatcher; DDP runs its bucket all_reduces through a communication hook, the default `allreduce_hook`, so that
+they reach the dispatcher, and the hook also counts them), and per rank the bytes of weights, gradients and AdamW
+state and the peak memory of building and warming up the variant, as growth over its start: on CUDA of the peak
+allocated, on Linux CPUs of the peak resident set (the kernel's peak count is restarted for every variant, after
+what was freed went back to the OS). Ratios are against tensor_parallel and, when measured, no_sync_bound in
+the same run.
 """
 
 import argparse
@@ -39,14 +44,14 @@ from modeling_ptt.placement import start_process_group
 from modeling_ptt.training import Layout, clip_grad_norm_, init_from_scratch, parallelize_ptt
 
 
-VARIANTS = ("track_parallel", "tensor_parallel", "data_parallel")
+VARIANTS = ("track_parallel", "no_sync_bound", "tensor_parallel", "data_parallel")
 
 
 def model_config(args, variant: str) -> PTConfig:
     return PTConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        num_tracks=args.num_tracks, track_block_depth=args.depth,
+        num_tracks=args.num_tracks, track_block_depth=args.layers if variant == "no_sync_bound" else args.depth,
         sync_mode="tensor_parallel" if variant == "tensor_parallel" else "track_block",
     )
 
@@ -72,11 +77,15 @@ def restart_peak_resident() -> int | None:
     return resident_bytes("VmRSS")
 
 
-def measure(args, variant: str, world_size: int) -> dict:
+def prepare(args, variant: str, world_size: int) -> tuple:
+    """Build and warm up `variant`; its step function and what was measured of it (all but the step time)."""
     resident_at_start = restart_peak_resident()
     config = model_config(args, variant)
     track_parallel = 1 if variant == "data_parallel" else world_size
     layout = Layout(track_parallel, config.num_tracks)
+    if layout.device.type == "cuda":
+        reset_peak_memory(layout.device)
+        allocated_at_start = torch.cuda.memory_allocated(layout.device)
     model = parallelize_ptt(init_from_scratch(config, args.seed, layout.tracks).to(layout.device), layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     buckets = None
@@ -102,61 +111,71 @@ def measure(args, variant: str, world_size: int) -> dict:
 
     for _ in range(args.warmup):
         step()
+    if buckets is not None:  # DDP rebuilds its buckets after the first step: count those of the counted one
+        buckets["count"] = 0
     with CollectiveCounter() as counter:
         step()
-    if layout.device.type == "cuda":
-        reset_peak_memory(layout.device)
-    times = []
-    for _ in range(args.steps):
-        dist.barrier()
-        started = time.perf_counter()
-        step()
-        if layout.device.type == "cuda":
-            torch.cuda.synchronize(layout.device)
-        dist.barrier()
-        times.append(time.perf_counter() - started)
     result = {
-        "step_s": statistics.median(times),
-        "step_s_all": times,
-        "tokens_per_s": args.batch * args.seq_len / statistics.median(times),
         "collectives_per_step": dict(counter.ops),
         "bytes_per_rank": state_bytes(model, optimizer),
         "merges_per_forward": config.num_sync_points if track_parallel > 1 else 0,
     }
     if buckets is not None:
-        result["ddp_bucket_all_reduces_per_step"] = buckets["count"] // (args.steps + args.warmup + 1)
+        result["ddp_bucket_all_reduces_per_step"] = buckets["count"]
     if layout.device.type == "cuda":
-        result["peak_allocated_bytes"] = peak_memory_bytes(layout.device)
+        result["peak_allocated_growth_bytes"] = peak_memory_bytes(layout.device) - allocated_at_start
     elif resident_at_start is not None:
         result["peak_resident_growth_bytes"] = peak_memory_bytes(layout.device) - resident_at_start
-    del model, optimizer
-    return result
+    return step, layout.device, result
+
+
+def measure(args, variants: list[str], world_size: int) -> dict:
+    prepared = {variant: prepare(args, variant, world_size) for variant in variants}
+    times = {variant: [] for variant in variants}
+    for _ in range(args.steps):
+        for variant, (step, device, _) in prepared.items():
+            dist.barrier()
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dist.barrier()
+            times[variant].append(time.perf_counter() - started)
+    results = {}
+    for variant, (_, _, result) in prepared.items():
+        median = statistics.median(times[variant])
+        results[variant] = {"step_s": median, "step_s_all": times[variant],
+                            "tokens_per_s": args.batch * args.seq_len / median, **result}
+    return results
 
 
 def markdown(results: dict, args, world_size: int) -> str:
     base_result = results["tensor_parallel"]
     base = base_result["step_s"]
+    bound = results["no_sync_bound"]["step_s"] if "no_sync_bound" in results else None
     lines = [
         f"Training step, W={world_size} processes, L={args.layers}, d={args.hidden_size}, FFN {args.intermediate_size},"
         f" {args.heads} heads ({args.kv_heads} KV), n={args.num_tracks}, D={args.depth}, batch {args.batch} x "
-        f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps.",
+        f"{args.seq_len} tokens (global), fp32, medians of {args.steps} steps, the variants timed in turns.",
         "",
-        "| variant | step (s) | vs tensor_parallel | tokens/s | collectives per step "
+        "| variant | step (s) | vs tensor_parallel | vs no_sync_bound | tokens/s | collectives per step "
         "| MiB per rank (weights+grads+AdamW) | peak MiB per rank |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         counts = ", ".join(f"{op.split('.')[-1]} {n}" for op, n in sorted(r["collectives_per_step"].items())) or "-"
         if "ddp_bucket_all_reduces_per_step" in r:
             counts += f" ({r['ddp_bucket_all_reduces_per_step']} of them DDP's gradient buckets)"
         mib = sum(r["bytes_per_rank"].values()) / 2**20
-        peak = r.get("peak_allocated_bytes", r.get("peak_resident_growth_bytes"))
-        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {r['tokens_per_s']:.0f} | {counts} "
+        peak = r.get("peak_allocated_growth_bytes", r.get("peak_resident_growth_bytes"))
+        versus_bound = "-" if bound is None else f"{r['step_s'] / bound:.3f}x"
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | {versus_bound} "
+                     f"| {r['tokens_per_s']:.0f} | {counts} "
                      f"| {mib:.0f} | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
-    peak_kind = "CUDA's peak allocated memory" if "peak_allocated_bytes" in base_result else \
-        "the growth of the peak resident set over the variant's start (rank 0; the first variant also pays the " \
-        "runtime's one-time allocations)"
-    return "\n".join([*lines, "", f"Peak: {peak_kind}."]) + "\n"
+    peak_kind = "the growth of CUDA's peak allocated memory" if "peak_allocated_growth_bytes" in base_result else \
+        "the growth of the peak resident set (rank 0; the first variant also pays the runtime's one-time allocations)"
+    return "\n".join([*lines, "", f"Peak: {peak_kind} over the variant's start, while it is built and warmed up."]) \
+        + "\n"
 
 
 def main():
@@ -175,7 +194,7 @@ def main():
         parser.error("--variants must include tensor_parallel: the ratios are taken against it")
     start_process_group()
     world_size = dist.get_world_size()
-    results = {variant: measure(args, variant, world_size) for variant in args.variants}
+    results = measure(args, args.variants, world_size)
     if dist.get_rank() == 0:
         table = markdown(results, args, world_size)
         print(table)

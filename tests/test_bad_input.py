@@ -18,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.testing_utils import CaptureLogger
 
 import modeling_ptt.distributed_ptt as distributed
 import modeling_ptt.modeling_parallel_track as modeling
 from helpers import ROOT, SUPPORT, child_env, run_launcher, tiny_model
-from modeling_ptt import PTForCausalLM, PTModel
+from modeling_ptt import PTForCausalLM, PTModel, check_batch
 
 
 LOADS = {"plain": {}, "track_parallel": {"tp_size": 1}}  # transformers' loader, and this package's slice reader
@@ -279,6 +280,79 @@ def test_token_ids_are_read_at_generate_entry_and_prefill_only(model, monkeypatc
         model.generate(IDS, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                        cache_implementation=cache_implementation)
         assert reads == ["input_ids", "input_ids"], cache_implementation
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what reads a tensor's values back to the host: the ops that sync (`.item()`, `bool()`, `int()` reach
+    `_local_scalar_dense`; `nonzero` sizes its output from the values), copies to the CPU, and `.tolist()` (which
+    copies outside the dispatcher, so it is wrapped)."""
+
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = []
+        tolist = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: self.reads.append("tolist") or tolist(t))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_host = func is torch.ops.aten._to_copy.default and torch.device(kwargs.get("device") or args[0].device) \
+            .type == "cpu" and args[0].device.type != "cpu"
+        if func in self.SYNCING or to_host:
+            self.reads.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_a_dense_training_forward_on_an_accelerator_reads_no_values(monkeypatch):
+    """0 host syncs per training step (forward, loss and backward) of a dense PT model on a device. The meta device
+    stands in for an accelerator: any read of a value fails there. The same counter sees the reads an eval forward
+    (a prefill) and a training forward in host memory still make."""
+    for device, mode, reads in (("meta", "train", 0), ("cpu", "train", 2), ("cpu", "eval", 2)):
+        model = getattr(tiny_model(num_tracks=2, track_block_depth=2).to(device), mode)()
+        ids = IDS.to(device)
+        with HostReads(monkeypatch) as counter:
+            loss = model(ids, labels=ids, use_cache=False).loss
+            if mode == "train":
+                loss.backward()
+        assert len(counter.reads) == reads, (device, mode, counter.reads)
+
+
+def test_check_batch_refuses_what_the_forward_refuses(model):
+    """What a training loop calls once per batch while the batch is on the CPU: the forward's errors."""
+    check_batch(model.config, IDS, labels=IDS)
+    ids, labels = IDS.clone(), IDS.clone()
+    ids[1, 2], labels[1, 1] = VOCAB, VOCAB
+    with pytest.raises(ValueError, match=rf"input_ids holds token id {VOCAB} at position \(1, 2\): ids must be in"):
+        check_batch(model.config, ids, labels=IDS)
+    with pytest.raises(ValueError, match=rf"labels holds token id {VOCAB} at position \(1, 1\).*-100 \(ignored\)"):
+        check_batch(model.config, IDS, labels=labels)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 3\), expected \(2, 4\)"):
+        check_batch(model.config, IDS, labels=IDS[:, :3])
+    with pytest.raises(ValueError, match=r"input_ids has dtype torch\.float32"):
+        check_batch(model.config, IDS.float())
+
+
+def test_train_refuses_a_token_id_out_of_the_vocabulary_before_training(corpus, tmp_path, monkeypatch):
+    """train.py's Trainer checks its training blocks on the CPU, before the first step, with the forward's error."""
+    from helpers import TRAIN_ARGS
+    from modeling_ptt.training import trainer
+    from train import parse_args
+
+    prepare = trainer.prepare_data
+
+    def with_a_bad_id(args):
+        tokenizer, train_blocks, *rest = prepare(args)
+        train_blocks[1, 2] = len(tokenizer)  # a tokenizer whose ids pass its own length
+        return tokenizer, train_blocks, *rest
+
+    monkeypatch.setattr(trainer, "prepare_data", with_a_bad_id)
+    monkeypatch.setattr(trainer.Trainer, "train_step", lambda *a: pytest.fail("trained on blocks it cannot train on"))
+    with pytest.raises(ValueError, match=r"input_ids holds token id \d+ at position \(1, 2\): ids must be in \[0, "
+                                         r"vocab_size=\d+\)"):
+        trainer.training_function(parse_args(["--data", str(corpus), "--output-dir", str(tmp_path / "out"),
+                                              *TRAIN_ARGS]))
 
 
 def test_the_checks_compile_without_a_graph_break(model):

@@ -167,8 +167,9 @@ def test_a_preset_is_its_flags_and_explicit_flags_win(preset, extra):
 
 def test_training_benchmark_counts_collectives_and_state_per_rank(tmp_path):
     """scripts/benchmark_training.py on 2 gloo ranks, tiny shape: every variant reported; per optimizer step
-    2*ceil(L/D) + 1 all_reduces track-parallel, 4L + 1 in tensor_parallel mode (+1: the clipping norm), DDP's
-    buckets data-parallel; a track rank holds exactly half of the track-stacked weights plus all the shared ones."""
+    2*ceil(L/D) + 1 all_reduces track-parallel, 2 + 1 for the no-sync bound (D=L), 4L + 1 in tensor_parallel mode
+    (+1: the clipping norm), DDP's buckets data-parallel; a track rank holds exactly half of the track-stacked
+    weights plus all the shared ones."""
     layers, depth = 4, 3
     prefix = tmp_path / "training"
     run_launcher([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2",
@@ -177,8 +178,10 @@ def test_training_benchmark_counts_collectives_and_state_per_rank(tmp_path):
                   str(depth), "--batch", "2", "--seq-len", "16", "--warmup", "1", "--steps", "2", "--output",
                   str(prefix)], child_env())
     results = json.loads(prefix.with_suffix(".json").read_text())["results"]
-    assert list(results) == ["track_parallel", "tensor_parallel", "data_parallel"]
+    assert list(results) == ["track_parallel", "no_sync_bound", "tensor_parallel", "data_parallel"]
     assert results["track_parallel"]["collectives_per_step"] == {"c10d.allreduce_": 2 * math.ceil(layers / depth) + 1}
+    assert results["no_sync_bound"]["collectives_per_step"] == {"c10d.allreduce_": 2 + 1}
+    assert results["no_sync_bound"]["merges_per_forward"] == 1
     assert results["tensor_parallel"]["collectives_per_step"] == {"c10d.allreduce_": 4 * layers + 1}
     data_parallel = results["data_parallel"]
     assert data_parallel["ddp_bucket_all_reduces_per_step"] >= 1
@@ -191,10 +194,13 @@ def test_training_benchmark_counts_collectives_and_state_per_rank(tmp_path):
     track = sum(p.numel() * 4 for name, p in model.named_parameters() if name in track_names)
     shared = sum(p.numel() * 4 for name, p in model.named_parameters() if name not in track_names)
     assert data_parallel["bytes_per_rank"]["weights"] == track + shared
-    for variant in ("track_parallel", "tensor_parallel"):
+    for variant in ("track_parallel", "no_sync_bound", "tensor_parallel"):
         held = results[variant]["bytes_per_rank"]
         assert held["weights"] == held["gradients"] == track // 2 + shared
         assert held["optimizer"] == 2 * held["weights"]  # AdamW's two moments
         assert results[variant]["peak_resident_growth_bytes"] > held["weights"]
     table = prefix.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in results)
+    bound = results["no_sync_bound"]["step_s"]
+    assert f"| track_parallel | {results['track_parallel']['step_s']:.3f} | " in table
+    assert f"| {results['track_parallel']['step_s'] / bound:.3f}x |" in table

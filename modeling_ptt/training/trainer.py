@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from ..configuration_ptt import PTConfig
-from ..modeling_parallel_track import PTForCausalLM
+from ..modeling_parallel_track import PTForCausalLM, check_batch
 from . import checkpoint
 from .data import BlockSampler, prepare_data, unigram_perplexity
 from .optim import build_optimizer, scale_output_projections
@@ -67,6 +67,8 @@ class Trainer:
         self.val_blocks = val_blocks[: args.eval_blocks] if args.eval_blocks else val_blocks
         model = self.init_model()
         self.config = model.config
+        # every training block's ids (= labels) once, here on the CPU: a training forward on an accelerator reads none
+        check_batch(self.config, self.train_blocks)
         if args.output_proj_scale != 1.0:
             scale_output_projections(model, args.output_proj_scale)
         self.num_parameters = count_parameters(model, self.config.num_tracks)
