@@ -19,21 +19,11 @@ from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Weig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 
 from modeling_ptt import PTConfig, PTForCausalLM
+from peft_comparison import LLAMA_FIELDS, randomized  # the same random models as the LoRA table's
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "tie_word_embeddings")
 CONFIGS = {"int8 weight-only": Int8WeightOnlyConfig, "int8 dynamic activation, int8 weight":
            Int8DynamicActivationInt8WeightConfig}
-
-
-def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.1)
-    return model.eval()
 
 
 def quantized_share(model: torch.nn.Module) -> float:
@@ -51,12 +41,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pt_config = PTConfig.from_json_file(args.config)
-    llama = randomized(LlamaForCausalLM(LlamaConfig(**{f: getattr(pt_config, f) for f in LLAMA_FIELDS})), args.seed)
+    llama_config = LlamaConfig(**{field: getattr(pt_config, field) for field in LLAMA_FIELDS})
+    llama = randomized(LlamaForCausalLM(llama_config), args.seed).eval()
     models = {
         "Llama": llama,
         f"PT converted from that Llama ({pt_config.num_tracks} tracks)": PTForCausalLM.from_llama(
             llama, pt_config.num_tracks).eval(),
-        f"PT, random ({Path(args.config).name})": randomized(PTForCausalLM(pt_config), args.seed),
+        f"PT, random ({Path(args.config).name})": randomized(PTForCausalLM(pt_config), args.seed).eval(),
     }
     input_ids = torch.randint(0, pt_config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(args.seed))
     print("| torchao config | model | parameter elements quantized | checkpoint size | largest logit difference "
